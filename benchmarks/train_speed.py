@@ -1,0 +1,176 @@
+"""Training-step throughput of the translation model on Multi30k-shaped random batches.
+
+One step = forward, label-smoothed cross-entropy (PAD ignored), backward, gradient clipping, Adam.
+Reports source+target tokens/s (non-padding, as NVIDIA's GNMT tables count), matmul FLOPs per
+token counted analytically (``Seq2Seq.flops_per_token``: 2*in*out per linear / gate matmul,
+attention scores and context, output layer; training = 3x forward), and MFU against a fp32 matmul
+peak (``torch.mm`` of 2048x2048) measured in the same run on the same threads.
+
+    /work/venv/bin/python benchmarks/train_speed.py --steps 5 --threads 2
+    /work/venv/bin/python benchmarks/train_speed.py --output-projection off --profile
+
+The last line printed is one JSON object with every configuration's figures.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Sleep rather than spin while waiting at OpenMP barriers. On a shared CPU, spinning threads wait
+# for a descheduled partner at every one of the LSTM's per-step barriers: oneDNN's LSTM ran at
+# ~50% of the matmul peak on 2 busy cores with the default policy and ~100% with PASSIVE. It must
+# be set before torch loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from seq2seq.config import ModelConfig  # noqa: E402
+from seq2seq.model import Seq2Seq, build_model  # noqa: E402
+from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
+
+
+def matmul_peak(seconds: float = 2.0, size: int = 2048) -> float:
+    """Best fp32 GFLOP/s of ``torch.mm`` (size x size) over repeated short windows."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        best = max(best, 3 * 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def make_batches(num_batches: int, target_tokens: int, vocab: int, seed: int) -> list[dict]:
+    """Length-bucketed batches of random ids with Multi30k-like lengths (src ~14, tgt ~13 tokens
+    including EOS), as a token-budget sampler would produce them: pairs sorted by length, cut
+    every ``target_tokens`` real target tokens (about 300 sentences)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 29_000  # a Multi30k-sized training set
+    src_len = (torch.randn(n, generator=g) * 4.5 + 13).round().clamp(3, 45).long()
+    tgt_len = (src_len * 0.9 + torch.randn(n, generator=g) * 2).round().clamp(2, 45).long()
+    order = torch.argsort(src_len * 100 + tgt_len)
+    batch_of = torch.cumsum(tgt_len[order] + 1, 0) // target_tokens  # batch id of each pair
+    chunks = order.split(torch.bincount(batch_of).tolist())[:-1]  # the last one is partial
+    picked = torch.randperm(len(chunks), generator=g)[:num_batches].tolist()
+    batches = []
+    for chunk in (chunks[i] for i in picked):
+        s, t = src_len[chunk], tgt_len[chunk]  # words (without EOS)
+        src = torch.randint(4, vocab, (len(chunk), int(s.max()) + 1), generator=g)
+        tgt = torch.randint(4, vocab, (len(chunk), int(t.max()) + 1), generator=g)
+        steps_s, steps_t = torch.arange(src.size(1)), torch.arange(tgt.size(1))
+        src[steps_s == s.unsqueeze(1)] = EOS
+        src[steps_s > s.unsqueeze(1)] = PAD
+        tgt_out = tgt.masked_fill(steps_t == t.unsqueeze(1), EOS)
+        tgt_out[steps_t > t.unsqueeze(1)] = PAD
+        tgt_in = torch.cat([torch.full((len(chunk), 1), BOS), tgt_out[:, :-1]], dim=1)
+        tgt_in = tgt_in.masked_fill(tgt_in == EOS, PAD)
+        batches.append(dict(src=src, src_lengths=s + 1, tgt_in=tgt_in, tgt_out=tgt_out,
+                            tgt_lengths=t + 1))
+    return batches
+
+
+def batch_flops(model: Seq2Seq, batch: dict) -> float:
+    """Training matmul FLOPs of one batch, pair by pair over real (non-padding) tokens."""
+    total = 0.0
+    for s, t in zip(batch["src_lengths"].tolist(), batch["tgt_lengths"].tolist(), strict=True):
+        total += model.flops_per_token(s, t) * (s + t)
+    return total
+
+
+def train_step(model: Seq2Seq, optimizer: torch.optim.Optimizer, batch: dict) -> float:
+    """One optimisation step; returns the loss per target token."""
+    logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD,
+                           label_smoothing=0.1, reduction="sum")
+    loss = loss / batch["tgt_lengths"].sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optimizer.step()
+    return loss.item()
+
+
+def profile_step(model: Seq2Seq, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    """Print where one training step spends its time (top operators by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(model, optimizer, batch)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) -> dict:
+    """Warm up, then time ``args.steps`` training steps of one configuration."""
+    config = ModelConfig(cell=args.cell, embed_dim=256, hidden_size=512, encoder_layers=2,
+                         decoder_layers=2, dropout=0.2, tie_embeddings=True,
+                         output_projection=projection)
+    torch.manual_seed(args.seed)
+    model = build_model(config, args.vocab, "translation").train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for batch in batches[: args.warmup]:
+        train_step(model, optimizer, batch)
+    timed = batches[args.warmup : args.warmup + args.steps]
+    start = time.perf_counter()
+    for batch in timed:
+        train_step(model, optimizer, batch)
+    seconds = time.perf_counter() - start
+    if args.profile:
+        profile_step(model, optimizer, timed[0])
+    src_tokens = sum(int(b["src_lengths"].sum()) for b in timed)
+    tgt_tokens = sum(int(b["tgt_lengths"].sum()) for b in timed)
+    padded = sum(b["src"].numel() + b["tgt_out"].numel() for b in timed)
+    flops = sum(batch_flops(model, b) for b in timed)
+    return {
+        "output_projection": projection, "cell": args.cell,
+        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "step_ms": round(1000 * seconds / len(timed), 1),
+        "tokens_per_s": round((src_tokens + tgt_tokens) / seconds),
+        "target_tokens_per_s": round(tgt_tokens / seconds),
+        "target_tokens_per_batch": round(tgt_tokens / len(timed)),
+        "padding_fraction": round(1 - (src_tokens + tgt_tokens) / padded, 3),
+        "train_flops_per_token_M": round(flops / (src_tokens + tgt_tokens) / 1e6, 2),
+        "model_gflops_per_s": round(flops / seconds / 1e9, 1),
+        "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-projection", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
+    parser.add_argument("--target-tokens", type=int, default=4000, help="per batch")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="profile one extra step")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    projections = {"on": [True], "off": [False], "both": [True, False]}[args.output_projection]
+    batches = make_batches(args.warmup + args.steps, args.target_tokens, args.vocab, args.seed)
+    peak = matmul_peak()
+    results = [run_config(args, projection, batches) for projection in projections]
+    peak = max(peak, matmul_peak())  # the CPU is shared: keep the best of two measurements
+    for result in results:
+        result["mfu"] = round(result["model_gflops_per_s"] / peak, 3)
+        print(" ".join(f"{key}={value}" for key, value in result.items()))
+    summary = {"threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+               "matmul_peak_gflops": round(peak, 1), "configs": results}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Command line: a thin Typer layer that parses options and calls library functions.
+
+User mistakes (bad recipe, bad data, bad checkpoint, bad option) print one line and exit with
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from seq2seq.checkpoint import CheckpointError
+from seq2seq.config import ConfigError, load_recipe
+from seq2seq.data import DataError
+from seq2seq.tokenizer import TokenizerError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="GNMT-style LSTM translation and character-level language models.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Build tokenizers.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: a.b=value")]
+Checkpoint = Annotated[Path, typer.Argument(help="A checkpoint written by seq2seq train")]
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from seq2seq.inference import InferenceError
+    from seq2seq.train import TrainingError
+
+    return ConfigError, DataError, TokenizerError, CheckpointError, InferenceError, TrainingError
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_time=False, console=_console())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+
+
+def _console():  # noqa: ANN202 - rich is imported lazily
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _run(action: Any) -> Any:
+    """Call ``action`` turning user errors into one line and exit code 2."""
+    try:
+        return action()
+    except _user_errors() as error:
+        _fail(error)
+    except BrokenPipeError:
+        raise typer.Exit(code=0) from None
+
+
+@app.command()
+def train(recipe: Annotated[Path, typer.Argument(help="Recipe file (recipes/*.toml)")],
+          out: Annotated[Path, typer.Option(help="Run directory")],
+          set_: Sets = None,
+          resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt")] = False) -> None:
+    """Train a translation model or character LM; writes OUT/{best,last}.pt, metrics.jsonl."""
+    from seq2seq.progress import TrainingProgress
+    from seq2seq.train import train as run_training
+
+    _setup_logging()
+    config = _run(lambda: load_recipe(recipe, set_))
+    with TrainingProgress(config.train, _console()) as progress:
+        metrics = _run(lambda: run_training(config, out, resume=resume, on_log=progress.update))
+    if metrics:
+        typer.echo(json.dumps({"run": str(out), **metrics}))
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(recipe: Annotated[Path, typer.Argument(help="Recipe file")],
+                    out: Annotated[Path, typer.Option(help="Run directory")],
+                    set_: Sets = None) -> None:
+    """Train the recipe's tokenizer into OUT; prints its vocabulary size and coverage."""
+    from seq2seq.train import build_tokenizer
+
+    _setup_logging()
+    config = _run(lambda: load_recipe(recipe, set_))
+    path, size, coverage = _run(lambda: build_tokenizer(config, out))
+    typer.echo(f"{path}: {size} entries, coverage {coverage:.4%} of training tokens")
+
+
+def _decode_options(loaded: Any, **options: Any) -> Any:
+    from seq2seq.inference import check_decode_options, generation_config
+
+    config = generation_config(loaded.recipe.decode, **options)
+    check_decode_options(config)
+    return config
+
+
+@app.command()
+def translate(
+    checkpoint: Checkpoint,
+    input: Annotated[str, typer.Option(help="Input file, or - for stdin")] = "-",
+    output: Annotated[str, typer.Option(help="Output file, or - for stdout")] = "-",
+    beam_size: Annotated[int | None, typer.Option(help="Beam width (1 = greedy)")] = None,
+    length_penalty: Annotated[float | None, typer.Option(help="GNMT alpha")] = None,
+    coverage_penalty: Annotated[float | None, typer.Option(help="GNMT beta")] = None,
+    n_best: Annotated[int | None, typer.Option(help="Write N hypotheses per line as TSV")] = None,
+    max_tokens_per_batch: Annotated[
+        int | None, typer.Option(help="Source tokens per batch")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
+    attention_plot: Annotated[Path | None, typer.Option(help="Write attention PNGs here")] = None,
+) -> None:
+    """Translate lines (stdin to stdout by default): one output line per input line.
+
+    With --n-best N each input gives N lines of TSV: input index (0-based), rank, score, text.
+    """
+    from seq2seq import inference
+
+    def action() -> None:
+        loaded = inference.load_model(checkpoint, device, quantize)
+        inference.require_task(loaded, "translation", checkpoint)
+        config = _decode_options(loaded, beam_size=beam_size, length_penalty=length_penalty,
+                                 coverage_penalty=coverage_penalty, n_best=n_best,
+                                 max_tokens_per_batch=max_tokens_per_batch)
+        source = sys.stdin.buffer if input == "-" else _open_input(input)
+        lines = inference.read_utf8_lines(source, "<stdin>" if input == "-" else input)
+        sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            inference.write_translations(loaded, lines, config, sink, n_best=n_best is not None,
+                                         attention_dir=attention_plot)
+        finally:
+            if sink is not sys.stdout:
+                sink.close()
+
+    _run(action)
+
+
+def _open_input(path: str) -> Any:
+    from seq2seq.inference import InferenceError
+
+    try:
+        return open(path, "rb")  # noqa: SIM115 - closed when the process ends
+    except OSError as error:
+        raise InferenceError(f"{path}: cannot read ({error.strerror})") from None
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint (omit with --hypotheses)")] = None,
+    source: Annotated[Path | None, typer.Option(help="Source sentences to translate")] = None,
+    reference: Annotated[Path, typer.Option(help="Reference translations")] = ...,  # type: ignore[assignment]
+    hypotheses: Annotated[Path | None, typer.Option(help="Score this output instead")] = None,
+    beam_size: Annotated[int | None, typer.Option(help="Beam width")] = None,
+    length_penalty: Annotated[float | None, typer.Option(help="GNMT alpha")] = None,
+    coverage_penalty: Annotated[float | None, typer.Option(help="GNMT beta")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Score translations with sacreBLEU: BLEU, chrF and TER, with their signatures."""
+    from seq2seq import inference
+    from seq2seq.evaluate import evaluate_files
+
+    def action() -> dict[str, Any]:
+        one_input = (checkpoint is None) != (hypotheses is None)
+        if not one_input or (checkpoint is not None and source is None):
+            raise inference.InferenceError("give either CHECKPOINT with --source, or --hypotheses")
+        options = dict(beam_size=beam_size, length_penalty=length_penalty,
+                       coverage_penalty=coverage_penalty)
+        return evaluate_files(checkpoint, source, reference, hypotheses, device,
+                                        quantize, options)
+
+    scores = _run(action)
+    if as_json:
+        typer.echo(json.dumps(scores))
+        return
+    for name in ("bleu", "chrf", "ter"):
+        typer.echo(f"{name.upper():5s} {scores[name]:6.2f}  {scores['signatures'][name]}")
+
+
+@app.command()
+def generate(
+    checkpoint: Checkpoint,
+    prompt: Annotated[str, typer.Option(help="Text to continue")] = "",
+    max_new_tokens: Annotated[int | None, typer.Option(help="Characters to generate")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k best (0 = off)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus mass (1 = off)")] = None,
+    num_samples: Annotated[int, typer.Option(help="Independent samples")] = 1,
+    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    beam_size: Annotated[int | None, typer.Option(help="Beam search instead of sampling")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+) -> None:
+    """Generate text with a character LM, streaming a single sample as it is produced."""
+    from seq2seq import inference
+
+    def action() -> None:
+        loaded = inference.load_model(checkpoint, device)
+        inference.require_task(loaded, "lm", checkpoint)
+        config = _decode_options(loaded, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, beam_size=beam_size,
+                                 n_best=1 if beam_size else None)
+        if num_samples < 1:
+            raise inference.InferenceError(f"--num-samples must be at least 1, got {num_samples}")
+        streaming = num_samples == 1 and config.beam_size == 1
+
+        def show(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        if streaming:
+            show(prompt)
+        samples = inference.generate(loaded, prompt, config, num_samples, seed,
+                                     on_text=show if streaming else None)
+        if streaming:
+            show("\n")
+            return
+        for i, sample in enumerate(samples):
+            typer.echo(f"--- sample {i + 1} ---\n{sample}")
+
+    _run(action)
+
+
+@app.command("average-checkpoints")
+def average_checkpoints(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints of one run")],
+    output: Annotated[Path, typer.Option(help="Where to write the average")],
+) -> None:
+    """Average the weights of several checkpoints (e.g. the last few of a run)."""
+    from seq2seq import checkpoint as ckpt
+
+    _run(lambda: ckpt.save_checkpoint(output, ckpt.average_checkpoints(checkpoints)))
+    typer.echo(f"{output}: average of {len(checkpoints)} checkpoints")
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory")],
+         output: Annotated[Path | None, typer.Option(help="PNG path")] = None) -> None:
+    """Draw training and validation curves from RUN_DIR/metrics.jsonl to a PNG."""
+    from seq2seq.plot import plot_metrics
+
+    path = _run(lambda: plot_metrics(run_dir, output or run_dir / "curves.png"))
+    typer.echo(str(path))
+
+
+def main() -> None:
+    app()

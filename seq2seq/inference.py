@@ -1,0 +1,225 @@
+"""Using a trained model: checkpoint -> tokenizer + model -> search -> text, for both tasks.
+
+Translation batches inputs by length under a token budget and restores the input order;
+streaming reads a bounded chunk of lines at a time so memory stays flat on endless input.
+Generation primes the character LM with a prompt and samples (or beam-searches) a continuation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from seq2seq.checkpoint import CheckpointError, load_checkpoint
+from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
+from seq2seq.data import inference_batches
+from seq2seq.model import build_model
+from seq2seq.search import Hypothesis, decode
+from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer, tokenizer_from_bytes
+
+
+class InferenceError(ValueError):
+    """A user mistake at inference time (wrong checkpoint kind, bad input, bad option)."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything a checkpoint holds that decoding needs."""
+
+    recipe: Recipe
+    model: nn.Module
+    tokenizer: Tokenizer
+    device: torch.device
+    step: int
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto'; an unusable device is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InferenceError(f"device {device!r}: CUDA is not available; use --device cpu")
+        return torch.device(device)
+    raise InferenceError(f"unknown device {device!r}; use cpu, cuda or auto")
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantisation of the LSTM/GRU and linear layers (CPU inference)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+
+
+def load_model(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LoadedModel:
+    """Rebuild the model and tokenizer from a checkpoint alone."""
+    payload = load_checkpoint(path)
+    try:
+        recipe = recipe_from_dict(payload["recipe"])
+        tokenizer = tokenizer_from_bytes(payload["tokenizer"]["kind"], payload["tokenizer"]["data"])
+        model = build_model(recipe.model, payload["vocab_size"], recipe.data.task)
+        model.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: checkpoint does not match this version ({error})") from None
+    model.eval()
+    target = resolve_device(device)
+    if quantize == "int8":
+        if target.type != "cpu":
+            raise InferenceError("--quantize int8 runs on the CPU only; use --device cpu")
+        model = quantize_int8(model)
+    elif quantize not in (None, "", "none"):
+        raise InferenceError(f"unknown quantisation {quantize!r}; use int8")
+    return LoadedModel(recipe, model.to(target), tokenizer, target, int(payload.get("step", 0)))
+
+
+def require_task(loaded: LoadedModel, task: str, path: str | Path) -> None:
+    """A translation command given an LM checkpoint (or the reverse) is a user error."""
+    actual = loaded.recipe.data.task
+    if actual != task:
+        fix = "seq2seq generate" if actual == "lm" else "seq2seq translate"
+        raise InferenceError(f"{path} holds a {actual!r} model, not {task!r}; use {fix}")
+
+
+def check_decode_options(config: DecodeConfig) -> None:
+    """Options that the recipe validator cannot see because they come from the command line."""
+    if config.beam_size < 1:
+        raise InferenceError(f"beam size must be at least 1, got {config.beam_size}")
+    if not 1 <= config.n_best <= config.beam_size:
+        raise InferenceError(f"n-best ({config.n_best}) must be between 1 and the beam size "
+                             f"({config.beam_size})")
+
+
+def translation_max_lengths(src_lengths: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+    """ceil(ratio * source tokens) + offset per input; src_lengths count the EOS."""
+    tokens = (src_lengths - 1).double()
+    return (torch.ceil(config.max_length_ratio * tokens) + config.max_length_offset).long()
+
+
+@torch.inference_mode()
+def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConfig,
+                  device: torch.device, strategy: str = "beam") -> list[list[Hypothesis]]:
+    """Decode source id lists (each ending in EOS); results come back in input order."""
+    results: list[list[Hypothesis]] = [[] for _ in src_ids]
+    for indices in inference_batches(src_ids, config.max_tokens_per_batch):
+        src = pad_sequence([torch.tensor(src_ids[i]) for i in indices], batch_first=True,
+                           padding_value=PAD).to(device)
+        src_lengths = torch.tensor([len(src_ids[i]) for i in indices], device=device)
+        state = model.start(src, src_lengths)
+        first = torch.full((len(indices),), BOS, dtype=torch.long, device=device)
+        hyps = decode(model.step, state, first, translation_max_lengths(src_lengths, config),
+                      config, strategy)
+        for i, hyp in zip(indices, hyps, strict=True):
+            results[i] = hyp
+    return results
+
+
+def encode_source(tokenizer: Tokenizer, line: str, max_length: int) -> list[int]:
+    """Source ids as the model saw them in training: x + [EOS], x cut to max_length."""
+    return tokenizer.encode(line)[:max_length] + [EOS]
+
+
+def translate_lines(loaded: LoadedModel, lines: list[str], config: DecodeConfig,
+                    strategy: str = "beam") -> list[list[Hypothesis]]:
+    """Translate a list of sentences; an empty line gives an empty hypothesis list."""
+    keep = [i for i, line in enumerate(lines) if line.strip()]
+    max_length = loaded.recipe.data.max_length
+    src_ids = [encode_source(loaded.tokenizer, lines[i], max_length) for i in keep]
+    decoded = translate_ids(loaded.model, src_ids, config, loaded.device, strategy)
+    results: list[list[Hypothesis]] = [[] for _ in lines]
+    for i, hyps in zip(keep, decoded, strict=True):
+        results[i] = hyps
+    return results
+
+
+def read_utf8_lines(stream: BinaryIO, name: str) -> Iterator[str]:
+    """Lines of a binary stream without their newline; bad UTF-8 names the line."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise InferenceError(f"{name}, line {number}: invalid UTF-8 (byte {error.start}); "
+                                 "convert the file to UTF-8") from None
+
+
+def translate_stream(loaded: LoadedModel, lines: Iterable[str], config: DecodeConfig,
+                     chunk_lines: int = 1000) -> Iterator[tuple[str, list[Hypothesis]]]:
+    """Translate an endless stream in bounded memory: (input, hypotheses) per line, in order."""
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == chunk_lines:
+            yield from zip(chunk, translate_lines(loaded, chunk, config), strict=True)
+            chunk = []
+    if chunk:
+        yield from zip(chunk, translate_lines(loaded, chunk, config), strict=True)
+
+
+def generation_config(config: DecodeConfig, **overrides: object) -> DecodeConfig:
+    """The recipe's decode settings with command-line values (None = keep) applied."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@torch.inference_mode()
+def generate(loaded: LoadedModel, prompt: str, config: DecodeConfig, num_samples: int = 1,
+             seed: int = 0, on_text: Callable[[str], None] | None = None) -> list[str]:
+    """Continue ``prompt`` with the character LM; ``on_text`` streams the first sample."""
+    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+    prompt_ids = tokenizer.encode(prompt or "\n")
+    rows = torch.tensor(prompt_ids, device=device).unsqueeze(0).expand(num_samples, -1)
+    state = model.start(num_samples)
+    if rows.size(1) > 1:
+        _, state = model(rows[:, :-1], state)
+    first = rows[:, -1].contiguous()
+    max_lengths = torch.full((num_samples,), config.max_new_tokens, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    strategy = "greedy" if config.temperature == 0 else "sample"
+    strategy = "beam" if config.beam_size > 1 else strategy
+    stream = None
+    if on_text is not None and num_samples == 1 and strategy != "beam":
+        def stream(tokens: torch.Tensor) -> None:
+            on_text(tokenizer.decode(tokens.tolist()[:1]))
+    hyps = decode(model.step, state, first, max_lengths, config, strategy, generator=generator,
+                  on_tokens=stream)
+    return [prompt + tokenizer.decode(h.tokens) for per_input in hyps for h in per_input]
+
+
+def best_text(tokenizer: Tokenizer, hypotheses: list[Hypothesis]) -> str:
+    """The top hypothesis as text ('' for an empty input)."""
+    return tokenizer.decode(hypotheses[0].tokens) if hypotheses else ""
+
+
+
+
+def write_translations(loaded: LoadedModel, lines: Iterable[str], config: DecodeConfig,
+                       sink: TextIO, n_best: bool = False,
+                       attention_dir: Path | None = None) -> int:
+    """Stream translations of ``lines`` to ``sink``; returns the number of inputs.
+
+    One line per input, or with ``n_best`` the TSV ``index<TAB>rank<TAB>score<TAB>text`` for
+    each of the n best hypotheses. ``attention_dir`` gets one heatmap PNG per sentence.
+    """
+    if attention_dir is not None:
+        from seq2seq.plot import attention_heatmap
+
+        attention_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for index, (line, hyps) in enumerate(translate_stream(loaded, lines, config)):
+        if n_best:
+            for rank, hyp in enumerate(hyps[: config.n_best], start=1):
+                text = loaded.tokenizer.decode(hyp.tokens)
+                sink.write(f"{index}\t{rank}\t{hyp.score:.4f}\t{text}\n")
+        else:
+            sink.write(best_text(loaded.tokenizer, hyps) + "\n")
+        if attention_dir is not None and hyps and hyps[0].attention is not None:
+            attention_heatmap(attention_dir / f"{index:06d}.png", loaded.tokenizer, line, hyps[0])
+        count += 1
+    sink.flush()
+    return count

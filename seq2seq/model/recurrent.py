@@ -1,0 +1,204 @@
+"""The shared recurrent block: fused LSTM/GRU layers, the bidirectional bottom layer, the output
+layer, and the helpers that keep decoding state immutable.
+
+Every layer is its own single-layer ``nn.LSTM`` / ``nn.GRU`` run over the whole sequence in one call
+(oneDNN on CPU, cuDNN on GPU): we need per-layer residuals, dropout and an extra input (the
+attention context) concatenated to every layer, which a multi-layer ``nn.LSTM`` cannot express.
+There is never a Python loop over time here.
+
+Recurrent state is a tuple of tensors, batch first: ``(h, c)`` for LSTM, ``(h,)`` for GRU, each
+``(B, L, H)`` for a stack of ``L`` layers. The LSTM/GRU difference lives in :func:`_layer_hx` and
+:func:`_from_hx` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (B, L, H)
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+GATES = {"lstm": 4, "gru": 3}
+T = TypeVar("T")
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """The vocabulary rounded up to a multiple of 8 (aligned matmuls on tensor cores)."""
+    return (vocab_size + 7) // 8 * 8
+
+
+def make_rnn(cell: str, input_size: int, hidden_size: int, init_scale: float) -> nn.RNNBase:
+    """One fused batch-first layer; weights ~ U(-init_scale, init_scale), biases 0 except the LSTM
+    forget gate, whose two biases (b_ih + b_hh) sum to 1 so that memory is kept early in training.
+    """
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
+    rnn = CELLS[cell](input_size, hidden_size, batch_first=True)
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            if name.startswith("weight"):
+                param.uniform_(-init_scale, init_scale)
+            else:
+                param.zero_()
+        if cell == "lstm":  # PyTorch gate order: input, forget, cell, output
+            rnn.bias_ih_l0[hidden_size : 2 * hidden_size] = 1.0
+    return rnn
+
+
+def _layer_hx(state: State, layer: int) -> Tensor | tuple[Tensor, Tensor]:
+    """The ``hx`` argument of ``nn.LSTM`` / ``nn.GRU`` for one layer: each part (1, B, H)."""
+    parts = tuple(part[:, layer].unsqueeze(0).contiguous() for part in state)
+    return parts if len(parts) == 2 else parts[0]
+
+
+def _from_hx(hx: Tensor | tuple[Tensor, ...]) -> State:
+    """The final ``hx`` of one layer as a tuple of (B, H) tensors."""
+    parts = hx if isinstance(hx, tuple) else (hx,)
+    return tuple(part.squeeze(0) for part in parts)
+
+
+class RecurrentStack(nn.Module):
+    """Layers of fused LSTM/GRU with dropout on every layer's input and residual connections.
+
+    ``forward(x (B,T,I), state, extra (B,T,C) | None) -> (y (B,T,H), state)``. ``extra`` (the
+    attention context) is concatenated to the input of every layer; layers with index >=
+    ``residual_from`` add their input to their output (inputs there are ``hidden_size`` wide).
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int,
+                 dropout: float, init_scale: float, extra_size: int = 0, residual_from: int = 2):
+        super().__init__()
+        if residual_from < 1:
+            raise ValueError("residual_from must be >= 1 (the first layer changes the width)")
+        self.cell, self.hidden_size, self.residual_from = cell, hidden_size, residual_from
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            make_rnn(cell, (input_size if i == 0 else hidden_size) + extra_size, hidden_size,
+                     init_scale)
+            for i in range(num_layers)
+        )
+
+    def zero_state(self, batch_size: int, like: Tensor) -> State:
+        """All-zero state, ``(h, c)`` or ``(h,)``, each (B, L, H), on ``like``'s device/dtype;
+        ``()`` for an empty stack (as ``forward`` returns)."""
+        if not self.layers:
+            return ()
+        shape = (batch_size, len(self.layers), self.hidden_size)
+        return tuple(like.new_zeros(shape) for _ in range(2 if self.cell == "lstm" else 1))
+
+    def forward(self, x: Tensor, state: State | None = None,
+                extra: Tensor | None = None) -> tuple[Tensor, State]:
+        """x (B,T,I), state parts (B,L,H) or None (zeros), extra (B,T,C) -> (B,T,H), state."""
+        finals = []
+        for i, rnn in enumerate(self.layers):
+            inputs = self.dropout(x)
+            if extra is not None:
+                inputs = torch.cat([inputs, extra], dim=-1)
+            y, hx = rnn(inputs, None if state is None else _layer_hx(state, i))
+            x = y + x if i >= self.residual_from else y
+            finals.append(_from_hx(hx))
+        return x, tuple(torch.stack(parts, dim=1) for parts in zip(*finals, strict=True))
+
+
+def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse each row of x (B,T,D) within its length; padding stays at the end. Self-inverse."""
+    steps = torch.arange(x.size(1), device=x.device)
+    lengths = lengths.to(x.device).unsqueeze(1)
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)  # (B, T)
+    return x.gather(1, index.unsqueeze(-1).expand_as(x))
+
+
+class BidirectionalLayer(nn.Module):
+    """The bottom encoder layer: two directions of ``hidden_size // 2``, concatenated.
+
+    The backward direction runs over each sequence reversed within its length, so in both
+    directions padding comes after the real tokens and cannot reach them (the layers are causal).
+    Unlike ``pack_padded_sequence`` (which PyTorch's CPU backend runs step by step, outside
+    oneDNN), this keeps both directions on the fused whole-sequence kernel.
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, init_scale: float):
+        super().__init__()
+        if hidden_size % 2:
+            raise ValueError("hidden_size must be even for the bidirectional layer")
+        self.forward_rnn = make_rnn(cell, input_size, hidden_size // 2, init_scale)
+        self.backward_rnn = make_rnn(cell, input_size, hidden_size // 2, init_scale)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """x (B,S,I), lengths (B,) -> (B,S,H); values at padding positions are arbitrary."""
+        forward, _ = self.forward_rnn(x)
+        backward, _ = self.backward_rnn(reverse_padded(x, lengths))
+        return torch.cat([forward, reverse_padded(backward, lengths)], dim=-1)
+
+
+class OutputLayer(nn.Module):
+    """Features (..., F) -> logits (..., V) over the real vocabulary.
+
+    With ``project``, a Linear maps the features to ``embed_dim`` first (no nonlinearity) and the
+    classifier weight is ``embedding.weight`` when ``tie`` (shared storage). Without ``project`` the
+    classifier has its own (V_pad, F) weight: F (e.g. [top; context]) is not the embedding width.
+    The classifier runs over the padded vocabulary and the padding columns are sliced off.
+    """
+
+    def __init__(self, features: int, embedding: nn.Embedding, vocab_size: int, project: bool,
+                 tie: bool, dropout: float, init_scale: float):
+        super().__init__()
+        padded, embed_dim = embedding.weight.shape
+        self.vocab_size = vocab_size
+        self.dropout = nn.Dropout(dropout)
+        self.project = nn.Linear(features, embed_dim) if project else None
+        if self.project is not None:
+            nn.init.uniform_(self.project.weight, -init_scale, init_scale)
+            nn.init.zeros_(self.project.bias)
+        width = embed_dim if project else features
+        if project and tie:
+            self.weight = embedding.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(padded, width).uniform_(-init_scale, init_scale))
+        self.bias = nn.Parameter(torch.zeros(padded))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., F) -> logits (..., V)."""
+        x = self.dropout(x)
+        if self.project is not None:
+            x = self.project(x)
+        logits = F.linear(x, self.weight, self.bias)
+        return logits if logits.size(-1) == self.vocab_size else logits[..., : self.vocab_size]
+
+    def flops(self) -> int:
+        """Forward matmul FLOPs per token (projection + classifier over the padded vocabulary)."""
+        flops = 2 * self.weight.numel()
+        if self.project is not None:
+            flops += 2 * self.project.weight.numel()
+        return flops
+
+
+def make_embedding(vocab_size: int, embed_dim: int, init_scale: float) -> nn.Embedding:
+    """Embeddings over the padded vocabulary, ~ U(-init_scale, init_scale)."""
+    embedding = nn.Embedding(padded_vocab(vocab_size), embed_dim)
+    nn.init.uniform_(embedding.weight, -init_scale, init_scale)
+    return embedding
+
+
+def select_rows(value: T, index: Tensor) -> T:
+    """``index_select`` on dim 0 of every tensor in value (tensors, tuples, frozen dataclasses)."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, index)
+    if isinstance(value, tuple):
+        return tuple(select_rows(part, index) for part in value)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes: dict[str, Any] = {
+            field.name: select_rows(getattr(value, field.name), index)
+            for field in dataclasses.fields(value)
+        }
+        return dataclasses.replace(value, **changes)
+    return value
+
+
+def rnn_flops(cell: str, input_size: int, hidden_size: int) -> int:
+    """Forward matmul FLOPs per token of one layer: 2 * (in + hidden) * gates * hidden."""
+    return 2 * (input_size + hidden_size) * GATES[cell] * hidden_size

@@ -1,0 +1,141 @@
+"""The GNMT v2 encoder-decoder (DESIGN section 3) and its immutable decoding state.
+
+Encoder: embeddings -> bidirectional layer (hidden/2 per direction) -> unidirectional layers,
+residual from the third layer up. Decoder: layer 1 over the target embeddings; its outputs query
+the attention over the encoder memory; the context is concatenated to the input of every upper
+layer and to the output layer. No input feeding, so teacher-forced training runs every layer as
+one whole-sequence fused call and the attention for all target positions as one batched op, and
+``step`` is the same code with T = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seq2seq.config import ModelConfig
+from seq2seq.model.attention import BahdanauAttention
+from seq2seq.model.recurrent import (
+    BidirectionalLayer,
+    OutputLayer,
+    RecurrentStack,
+    State,
+    make_embedding,
+    rnn_flops,
+    select_rows,
+)
+
+
+@dataclass(frozen=True)
+class TranslationState:
+    """Everything ``step`` needs, N rows (sentences x beams). Never mutated: ``step`` and
+    ``select`` return new states."""
+
+    memory: Tensor  # (N, S, H) encoder outputs, zero at padding
+    keys: Tensor  # (N, S, A) attention keys, projected once
+    mask: Tensor  # (N, S) bool, True at real source positions
+    src_lengths: Tensor  # (N,) source lengths (as given to ``start``)
+    bottom: State  # decoder layer 1: (h, c) or (h,), each (N, 1, H)
+    upper: State  # decoder layers 2..L: each (N, L-1, H); () when L = 1
+    coverage: Tensor  # (N, S) attention mass summed over the steps so far (0 at padding)
+    attention: Tensor  # (N, S) the last step's attention weights (zeros before the first step)
+
+    def select(self, index: Tensor) -> TranslationState:
+        """Rows by ``index`` (M,) long: expand to beams, reorder, drop finished."""
+        return select_rows(self, index)
+
+
+class Seq2Seq(nn.Module):
+    """``forward(src, src_lengths, tgt_in) -> logits``; ``start`` / ``step`` for search."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.config, self.vocab_size = config, vocab_size
+        c, hidden = config, config.hidden_size
+        self.src_embed = make_embedding(vocab_size, c.embed_dim, c.init_scale)
+        # One vocabulary for both sides when tied (the same module under two names).
+        self.tgt_embed = (self.src_embed if c.tie_embeddings
+                          else make_embedding(vocab_size, c.embed_dim, c.init_scale))
+        self.dropout = nn.Dropout(c.dropout)
+        self.encoder_bottom = BidirectionalLayer(c.cell, c.embed_dim, hidden, c.init_scale)
+        self.encoder_upper = RecurrentStack(c.cell, hidden, hidden, c.encoder_layers - 1,
+                                            c.dropout, c.init_scale, residual_from=1)
+        self.decoder_bottom = RecurrentStack(c.cell, c.embed_dim, hidden, 1, c.dropout,
+                                             c.init_scale)
+        self.attention = BahdanauAttention(hidden, hidden, hidden, c.init_scale)
+        self.decoder_upper = RecurrentStack(c.cell, hidden, hidden, c.decoder_layers - 1,
+                                            c.dropout, c.init_scale, extra_size=hidden,
+                                            residual_from=1)
+        self.output = OutputLayer(2 * hidden, self.tgt_embed, vocab_size, c.output_projection,
+                                  c.tie_embeddings, c.dropout, c.init_scale)
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B,S) long, src_lengths (B,) -> memory (B,S,H) (zero at padding), mask (B,S)."""
+        steps = torch.arange(src.size(1), device=src.device)
+        mask = steps.unsqueeze(0) < src_lengths.to(src.device).unsqueeze(1)
+        x = self.encoder_bottom(self.dropout(self.src_embed(src)), src_lengths)
+        # Upper layers are causal: the garbage at padding (after the end) cannot reach real tokens.
+        x, _ = self.encoder_upper(x)
+        return x.masked_fill(~mask.unsqueeze(-1), 0.0), mask
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, keys: Tensor, mask: Tensor,
+               bottom: State | None = None,
+               upper: State | None = None) -> tuple[Tensor, Tensor, State, State]:
+        """tgt_in (B,T) long over memory (B,S,H), keys (B,S,A), mask (B,S), from states (None =
+        zeros) -> logits (B,T,V), attention weights (B,T,S), new bottom and upper states."""
+        x, bottom = self.decoder_bottom(self.tgt_embed(tgt_in), bottom)  # (B, T, H)
+        context, weights = self.attention(x, keys, memory, mask)  # (B,T,H), (B,T,S)
+        x, upper = self.decoder_upper(x, upper, extra=context)
+        logits = self.output(torch.cat([x, context], dim=-1))
+        return logits, weights, bottom, upper
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V)."""
+        memory, mask = self.encode(src, src_lengths)
+        logits, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask)
+        return logits
+
+    def start(self, src: Tensor, src_lengths: Tensor) -> TranslationState:
+        """Encode once and project the attention keys once: src (N,S), src_lengths (N,)."""
+        memory, mask = self.encode(src, src_lengths)
+        n = src.size(0)
+        coverage = memory.new_zeros(mask.shape, dtype=torch.float32)
+        return TranslationState(
+            memory=memory, keys=self.attention.keys(memory), mask=mask,
+            src_lengths=src_lengths.to(src.device),
+            bottom=self.decoder_bottom.zero_state(n, memory),
+            upper=self.decoder_upper.zero_state(n, memory),
+            coverage=coverage, attention=coverage,
+        )
+
+    def step(self, prev: Tensor, state: TranslationState) -> tuple[Tensor, TranslationState]:
+        """prev (N,) long -> log_probs (N,V) float32 and the next state."""
+        logits, weights, bottom, upper = self.decode(
+            prev.unsqueeze(1), state.memory, state.keys, state.mask, state.bottom, state.upper)
+        attention = weights[:, 0].float()  # (N, S)
+        new = TranslationState(
+            memory=state.memory, keys=state.keys, mask=state.mask,
+            src_lengths=state.src_lengths, bottom=bottom, upper=upper,
+            coverage=state.coverage + attention, attention=attention,
+        )
+        return F.log_softmax(logits[:, 0].float(), dim=-1), new
+
+    def flops_per_token(self, src_len: float = 14.0, tgt_len: float | None = None,
+                        training: bool = True) -> float:
+        """Matmul FLOPs per (source + target) token of a pair with these lengths (tgt_len defaults
+        to src_len): 2*in*out per linear/gate matmul, attention scores and context, output layer.
+        Training counts 3x forward (backward = 2x)."""
+        c, h = self.config, self.config.hidden_size
+        tgt_len = src_len if tgt_len is None else tgt_len
+        per_query, per_key, per_pair = self.attention.flops(h, h)
+        src = (2 * rnn_flops(c.cell, c.embed_dim, h // 2)
+               + (c.encoder_layers - 1) * rnn_flops(c.cell, h, h) + per_key)
+        tgt = (rnn_flops(c.cell, c.embed_dim, h) + per_query
+               + (c.decoder_layers - 1) * rnn_flops(c.cell, 2 * h, h)
+               + self.output.flops() + per_pair * src_len)
+        total = src * src_len + tgt * tgt_len
+        return (3.0 if training else 1.0) * total / (src_len + tgt_len)
+

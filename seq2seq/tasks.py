@@ -1,0 +1,228 @@
+"""What differs between translation and the character LM during training.
+
+A task reads and encodes its data, hands out micro-batches forever (advancing the epoch), computes
+the summed loss of one micro-batch, validates, and saves/restores its data position. The trainer
+in ``train.py`` sees only this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seq2seq import data
+from seq2seq.config import Recipe
+from seq2seq.distributed import DistContext
+from seq2seq.evaluate import perplexity, score_corpus
+from seq2seq.inference import encode_source, translate_ids
+from seq2seq.tokenizer import PAD, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def token_losses(logits: torch.Tensor, target: torch.Tensor,
+                 smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed loss and summed NLL over non-PAD targets.
+
+    logits (B, T, V), target (B, T) -> two scalars (the NLL detached).
+    """
+    flat_logits, flat_target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)
+    nll = F.cross_entropy(flat_logits, flat_target, ignore_index=PAD, reduction="sum")
+    if not smoothing:
+        return nll, nll.detach()
+    smoothed = F.cross_entropy(flat_logits, flat_target, ignore_index=PAD, reduction="sum",
+                               label_smoothing=smoothing)
+    return smoothed, nll.detach()
+
+
+class Task(Protocol):
+    @property
+    def epoch(self) -> int: ...
+
+    def tokenizer_texts(self) -> Iterator[str]: ...
+    def encode(self, tokenizer: Tokenizer) -> None: ...
+    def next_step(self) -> list[Any]: ...
+    def target_tokens(self, batch: Any) -> int: ...
+    def all_tokens(self, batch: Any) -> int: ...
+    def loss(self, model: nn.Module, batch: Any,
+             smoothing: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def validate(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TranslationTask:
+    """Parallel text in length-bucketed token-budget batches, sharded over ranks."""
+
+    def __init__(self, recipe: Recipe, ctx: DistContext):
+        self.recipe, self.ctx = recipe, ctx
+        self.train_pairs = data.read_parallel(recipe.data, "train", seed=recipe.train.seed)
+        self.valid_pairs = data.read_parallel(recipe.data, "valid", seed=recipe.train.seed)
+
+    def tokenizer_texts(self) -> Iterator[str]:
+        for source, target in self.train_pairs:
+            yield source
+            yield target
+
+    def encode(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        max_length, config = self.recipe.data.max_length, self.recipe.train
+        self.train = data.encode_pairs(self.train_pairs, tokenizer, max_length)
+        self.valid = data.encode_pairs(self.valid_pairs, tokenizer, max_length)
+        # One optimizer step takes world_size * accumulate consecutive batches of similar length;
+        # micro-batch j of rank r is "virtual rank" r * accumulate + j. So one process with
+        # accumulation sees exactly the batches that several processes see together.
+        shards = self.ctx.world_size * config.accumulate
+        self.samplers = [
+            data.TokenBatchSampler(self.train.src_lengths, self.train.tgt_lengths,
+                                   config.max_tokens, seed=config.seed, shuffle=True,
+                                   rank=self.ctx.rank * config.accumulate + j, world_size=shards)
+            for j in range(config.accumulate)]
+        self._iterators = [iter(sampler) for sampler in self.samplers]
+
+    @property
+    def epoch(self) -> int:
+        return self.samplers[0].epoch
+
+    def next_step(self) -> list[data.Batch]:
+        """The micro-batches of the next optimizer step (a new epoch starts when one ends)."""
+        indices = [next(iterator, None) for iterator in self._iterators]
+        if indices[0] is None:
+            self._iterators = [iter(sampler) for sampler in self.samplers]
+            indices = [next(iterator) for iterator in self._iterators]
+        return [data.collate(self.train, i).to(self.ctx.device) for i in indices]
+
+    def target_tokens(self, batch: data.Batch) -> int:
+        return batch.num_tgt_tokens
+
+    def all_tokens(self, batch: data.Batch) -> int:
+        return batch.num_src_tokens + batch.num_tgt_tokens
+
+    def loss(self, model: nn.Module, batch: data.Batch,
+             smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(batch.src, batch.src_lengths, batch.tgt_in)
+        return token_losses(logits, batch.tgt_out, smoothing)
+
+    @torch.inference_mode()
+    def validate(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]:
+        """Per-token NLL and perplexity, and BLEU of greedy output on the validation set."""
+        model.eval()
+        nll, tokens = 0.0, 0
+        sampler = data.TokenBatchSampler(self.valid.src_lengths, self.valid.tgt_lengths,
+                                         recipe.train.max_tokens, seed=0, shuffle=False)
+        for indices in sampler:
+            batch = data.collate(self.valid, indices).to(self.ctx.device)
+            nll += token_losses(model(batch.src, batch.src_lengths, batch.tgt_in),
+                                batch.tgt_out, 0.0)[1].item()
+            tokens += batch.num_tgt_tokens
+        sources = [encode_source(self.tokenizer, s, recipe.data.max_length)
+                   for s, _ in self.valid_pairs]
+        hyps = translate_ids(model, sources, recipe.decode, self.ctx.device, strategy="greedy")
+        texts = [self.tokenizer.decode(h[0].tokens) if h else "" for h in hyps]
+        scores = score_corpus(texts, [t for _, t in self.valid_pairs])
+        model.train()
+        loss = nll / max(tokens, 1)
+        return {"loss": loss, "ppl": perplexity(loss), "bleu": scores["bleu"],
+                "chrf": scores["chrf"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.samplers[0].state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for sampler in self.samplers:
+            sampler.load_state_dict(state["sampler"])
+        self._iterators = [iter(sampler) for sampler in self.samplers]
+
+
+class LanguageModelTask:
+    """One text cut into parallel streams; the LM state carries across chunks (truncated BPTT)."""
+
+    def __init__(self, recipe: Recipe, ctx: DistContext):
+        self.recipe, self.ctx = recipe, ctx
+        text = data.read_text(recipe.data)
+        self.train_text, self.valid_text = data.split_text(text, recipe.data.valid_fraction)
+        self.carry: Any = None
+        self.saved_carry: dict[str, torch.Tensor] | None = None
+
+    def tokenizer_texts(self) -> Iterator[str]:
+        yield self.train_text
+
+    def encode(self, tokenizer: Tokenizer) -> None:
+        config, world = self.recipe.train, self.ctx.world_size
+        self.train_ids = torch.tensor(tokenizer.encode(self.train_text))
+        self.valid_ids = torch.tensor(tokenizer.encode(self.valid_text))
+        # Every rank walks the same stream and takes its own rows: disjoint text per rank.
+        self.stream = data.LMStream(self.train_ids, config.batch_size * world, config.bptt)
+        self._chunks = iter(self.stream)
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``accumulate`` consecutive chunks; the state carries from one to the next."""
+        return [self._next_chunk() for _ in range(self.recipe.train.accumulate)]
+
+    def _next_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = next(self._chunks, None)
+        if chunk is None:  # the epoch ended: start again from the top with a fresh state
+            self.carry = None
+            self._chunks = iter(self.stream)
+            chunk = next(self._chunks)
+        rows = slice(self.ctx.rank * self.recipe.train.batch_size,
+                     (self.ctx.rank + 1) * self.recipe.train.batch_size)
+        return chunk[0][rows].to(self.ctx.device), chunk[1][rows].to(self.ctx.device)
+
+    def target_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[1].numel()
+
+    def all_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[1].numel()
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+             smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.carry is None and self.saved_carry is not None:  # first chunk after a resume
+            template = getattr(model, "module", model).start(batch[0].size(0))
+            self.carry = dataclasses.replace(template, **self.saved_carry)
+            self.saved_carry = None
+        logits, state = model(batch[0], self.carry)
+        self.carry = state.detach()
+        return token_losses(logits, batch[1], smoothing)
+
+    @torch.inference_mode()
+    def validate(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]:
+        """NLL per character over the held-out end of the text."""
+        model.eval()
+        stream = data.LMStream(self.valid_ids, recipe.train.batch_size, recipe.train.bptt)
+        nll, tokens, state = 0.0, 0, None
+        for inputs, targets in stream:
+            logits, state = model(inputs.to(self.ctx.device), state)
+            nll += token_losses(logits, targets.to(self.ctx.device), 0.0)[1].item()
+            tokens += targets.numel()
+        model.train()
+        loss = nll / max(tokens, 1)
+        return {"loss": loss, "ppl": perplexity(loss)}
+
+    def state_dict(self) -> dict[str, Any]:
+        carry = None
+        if self.carry is not None and self.stream.position > 0:  # at an epoch start it resets
+            carry = {f.name: getattr(self.carry, f.name) for f in dataclasses.fields(self.carry)}
+        return {"stream": self.stream.state_dict(), "carry": carry}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self._chunks = iter(self.stream)
+        self.carry, self.saved_carry = None, state["carry"]
+
+
+def make_task(recipe: Recipe, ctx: DistContext) -> Task:
+    """The task the recipe's ``data.task`` names."""
+    if recipe.data.task == "lm":
+        return LanguageModelTask(recipe, ctx)
+    return TranslationTask(recipe, ctx)

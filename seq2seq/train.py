@@ -1,0 +1,339 @@
+"""The training loop: one code path for translation and the character LM, one process or many.
+
+Budgets (steps, minutes, epochs) stop training, then it validates and saves. Each optimizer step
+normalises the summed loss by the global number of target tokens, so gradient accumulation and
+DistributedDataParallel give the same update as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seq2seq import checkpoint as ckpt
+from seq2seq import distributed as dist
+from seq2seq.config import Recipe, TrainConfig, recipe_to_dict, recipe_to_toml
+from seq2seq.model import build_model
+from seq2seq.tasks import Task, make_task
+from seq2seq.tokenizer import Tokenizer, coverage, load_tokenizer, save_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+LogCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses, a run directory that cannot be resumed)."""
+
+
+@dataclass
+class Progress:
+    """Loop bookkeeping saved in every checkpoint."""
+
+    step: int = 0
+    elapsed: float = 0.0  # seconds spent training, across resumes
+    best: float | None = None
+    bad_validations: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def budget_fraction(config: TrainConfig, step: int, elapsed: float) -> float:
+    """How much of the training budget is spent: the larger of the step and time fractions."""
+    fractions = [0.0]
+    if config.max_steps:
+        fractions.append(step / config.max_steps)
+    if config.max_minutes:
+        fractions.append(elapsed / (60.0 * config.max_minutes))
+    return max(fractions)
+
+
+def learning_rate(config: TrainConfig, step: int, fraction: float) -> float:
+    """Linear warm-up, then the schedule the recipe names.
+
+    gnmt: constant, then ``decay_halvings`` halvings spread evenly over the budget after
+    ``decay_start``; inverse_sqrt: lr * sqrt(warmup / step) after warm-up.
+    """
+    warmup = max(config.warmup_steps, 1)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "inverse_sqrt":
+        return config.lr * math.sqrt(warmup / (step + 1))
+    if config.schedule == "gnmt" and fraction > config.decay_start and config.decay_halvings:
+        width = (1.0 - config.decay_start) / config.decay_halvings
+        halvings = min(int((fraction - config.decay_start) / width) + 1, config.decay_halvings)
+        return config.lr * 0.5**halvings
+    return config.lr
+
+
+def matmul_peak_flops(device: torch.device, seconds: float = 0.5, size: int = 1024) -> float:
+    """Measured fp32 matmul FLOP/s on this device, to report utilisation against."""
+    generator = torch.Generator(device=device).manual_seed(0)  # leave the training RNG alone
+    a = torch.randn(size, size, device=device, generator=generator)
+    b = torch.randn(size, size, device=device, generator=generator)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * size**3 * count / (time.perf_counter() - start)
+
+
+def prepare_tokenizer(recipe: Recipe, out_dir: Path, texts: Callable[[], Iterator[str]],
+                      ctx: dist.DistContext) -> Tokenizer:
+    """The run directory's tokenizer, trained on rank 0 first when there is none."""
+    if ctx.is_main and load_tokenizer(out_dir) is None:
+        started = time.perf_counter()
+        tokenizer = train_tokenizer(texts(), recipe.tokenizer)
+        save_tokenizer(tokenizer, out_dir)
+        log.info("trained a %s tokenizer with %d entries in %.1f s", tokenizer.kind,
+                 tokenizer.vocab_size, time.perf_counter() - started)
+    dist.barrier()
+    tokenizer = load_tokenizer(out_dir)
+    assert tokenizer is not None
+    return tokenizer
+
+
+def build_tokenizer(recipe: Recipe, out_dir: str | Path) -> tuple[Path, int, float]:
+    """Train the recipe's tokenizer into ``out_dir``: (path, vocabulary size, coverage).
+
+    Coverage is the fraction of non-UNK tokens on the training text.
+    """
+    task = make_task(recipe, dist.DistContext(0, 1, 0, torch.device("cpu")))
+    tokenizer = train_tokenizer(task.tokenizer_texts(), recipe.tokenizer)
+    path = save_tokenizer(tokenizer, out_dir)
+    return path, tokenizer.vocab_size, coverage(tokenizer, task.tokenizer_texts())
+
+
+class Trainer:
+    """Owns the model, optimizer and task for one run; ``run()`` trains until a budget ends."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, ctx: dist.DistContext, task: Task,
+                 tokenizer: Tokenizer, on_log: LogCallback | None = None):
+        self.recipe, self.config, self.out_dir, self.ctx = recipe, recipe.train, out_dir, ctx
+        self.task, self.tokenizer, self.on_log = task, tokenizer, on_log
+        torch.manual_seed(self.config.seed)
+        self.model = build_model(recipe.model, tokenizer.vocab_size, recipe.data.task)
+        self.model.to(ctx.device)
+        self.ddp: nn.Module = self.model
+        if ctx.world_size > 1:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        optimizer = torch.optim.AdamW if self.config.weight_decay else torch.optim.Adam
+        self.optimizer = optimizer(self.model.parameters(), lr=self.config.lr, betas=(0.9, 0.98),
+                                   weight_decay=self.config.weight_decay)
+        self.autocast_dtype = self._autocast_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.progress = Progress()
+        self.nonfinite_in_row = 0
+        self.peak_flops = 0.0
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """bf16 autocast on GPU by default; CPU trains in fp32."""
+        precision = self.config.precision
+        if self.ctx.device.type != "cuda" or precision == "fp32":
+            return None
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION,
+            "recipe": recipe_to_dict(self.recipe), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.progress.step},
+            "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
+            "step": self.progress.step, "epoch": self.task.epoch,
+            "elapsed": self.progress.elapsed, "best": self.progress.best,
+            "bad_validations": self.progress.bad_validations,
+            "data_position": self.task.state_dict(), "metrics": self.progress.metrics,
+            "tokenizer": {"kind": self.tokenizer.kind, "data": self.tokenizer.to_bytes()},
+            "vocab_size": self.tokenizer.vocab_size,
+        }
+
+    def restore(self, path: Path) -> None:
+        """Continue exactly where ``path`` stopped: weights, optimizer, RNG, data position."""
+        payload = ckpt.load_checkpoint(path, map_location=self.ctx.device)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload.get("scaler", {}))
+        self.task.load_state_dict(payload["data_position"])
+        self.progress = Progress(payload["step"], payload["elapsed"], payload["best"],
+                                 payload["bad_validations"], payload["metrics"])
+        ckpt.set_rng_state(payload["rng"])
+        log.info("resumed from %s at step %d", path, self.progress.step)
+
+    def save(self, is_best: bool) -> None:
+        if not self.ctx.is_main:
+            return
+        payload = self.payload()
+        ckpt.save_checkpoint(self.out_dir / "last.pt", payload)
+        if is_best:
+            ckpt.save_checkpoint(self.out_dir / "best.pt", payload)
+        if self.config.keep_last:
+            ckpt.save_checkpoint(self.out_dir / f"step_{self.progress.step}.pt", payload)
+            ckpt.prune_checkpoints(self.out_dir, self.config.keep_last)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def train_step(self, micro_batches: list[Any]) -> dict[str, float]:
+        """Forward/backward over the micro-batches, then one clipped optimizer update."""
+        self.ddp.train()
+        target_tokens = torch.tensor(float(sum(self.task.target_tokens(b) for b in micro_batches)))
+        # Normalise by the global token count; DDP averages over ranks, so scale it back up.
+        scale = self.ctx.world_size / dist.all_reduce_sum(target_tokens).item()
+        totals = torch.zeros(4)  # loss, nll, target tokens, source + target tokens
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            skip_sync = not last and self.ctx.world_size > 1
+            sync = self.ddp.no_sync() if skip_sync else contextlib.nullcontext()
+            autocast = torch.autocast(self.ctx.device.type, enabled=self.autocast_dtype is not None,
+                                      dtype=self.autocast_dtype or torch.float32)
+            with sync, autocast:
+                loss, nll = self.task.loss(self.ddp, batch, self.config.label_smoothing)
+                self.scaler.scale(loss * scale).backward()
+            totals += torch.tensor([loss.item(), nll.item(), self.task.target_tokens(batch),
+                                    self.task.all_tokens(batch)])
+        return self._update(totals)
+
+    def _update(self, totals: torch.Tensor) -> dict[str, float]:
+        """Clip and step, or skip the step on every rank when any rank saw a non-finite loss."""
+        self.scaler.unscale_(self.optimizer)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        finite = math.isfinite(totals[0].item()) and bool(torch.isfinite(norm))
+        bad = torch.tensor([0.0 if finite else 1.0])
+        lr = learning_rate(self.config, self.progress.step,
+                           budget_fraction(self.config, self.progress.step, self.progress.elapsed))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if dist.all_reduce_sum(bad).item() > 0 and self.autocast_dtype != torch.float16:
+            self.nonfinite_in_row += 1
+            log.warning("non-finite loss or gradient at step %d: skipping the update (%d in a row)",
+                        self.progress.step, self.nonfinite_in_row)
+            if self.nonfinite_in_row >= self.config.max_nonfinite:
+                raise TrainingError(f"{self.nonfinite_in_row} non-finite losses in a row; lower "
+                                    "train.lr or check the data")
+        else:
+            self.nonfinite_in_row = 0
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, nll, target_tokens, tokens = totals.tolist()
+        return {"loss": loss / max(target_tokens, 1.0), "nll": nll / max(target_tokens, 1.0),
+                "tokens": tokens, "lr": lr, "grad_norm": float(norm)}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def emit(self, event: dict[str, Any]) -> None:
+        """Record an event in metrics.jsonl and pass it to the caller's progress display."""
+        if not self.ctx.is_main:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+        if self.on_log is not None:
+            self.on_log(event)
+
+    def out_of_budget(self) -> bool:
+        """Whether any budget is spent; rank 0's clock decides for every rank."""
+        config, progress = self.config, self.progress
+        done = (config.max_steps and progress.step >= config.max_steps) or \
+            (config.max_epochs and self.task.epoch >= config.max_epochs) or \
+            (config.max_minutes and progress.elapsed >= 60.0 * config.max_minutes)
+        flag = torch.tensor([1.0 if done and self.ctx.is_main else 0.0])
+        return dist.all_reduce_sum(flag).item() > 0
+
+    def validate(self) -> dict[str, Any]:
+        """Validation metrics on rank 0; keeps best.pt and counts patience."""
+        metrics: dict[str, Any] = {}
+        if self.ctx.is_main:
+            metrics = self.task.validate(self.model, self.recipe)
+            key = self.config.valid_metric if self.config.valid_metric in metrics else "loss"
+            value = metrics[key] if key == "bleu" else -metrics[key]
+            improved = self.progress.best is None or value > self.progress.best
+            if improved:
+                self.progress.best = value
+                self.progress.bad_validations = 0
+            else:
+                self.progress.bad_validations += 1
+            self.progress.metrics = metrics
+            self.save(is_best=improved)
+            self.emit({"event": "valid", "step": self.progress.step, **metrics})
+        dist.barrier()
+        return metrics
+
+    def run(self) -> dict[str, Any]:
+        """Train until a budget or patience runs out, validating at the interval and at the end."""
+        if self.ctx.device.type == "cpu" and self.ctx.is_main:
+            self.peak_flops = matmul_peak_flops(self.ctx.device, seconds=0.3)
+        flops = getattr(self.model, "flops_per_token", lambda: 0.0)()
+        window_tokens, window_start, patience = 0.0, time.perf_counter(), self.config.patience
+        while not self.out_of_budget():
+            started = time.perf_counter()
+            stats = self.train_step(self.task.next_step())
+            self.progress.step += 1
+            self.progress.elapsed += time.perf_counter() - started
+            window_tokens += stats["tokens"] * self.ctx.world_size
+            if self.progress.step % self.config.log_every == 0:
+                seconds = time.perf_counter() - window_start
+                rate = window_tokens / seconds
+                self.emit({"event": "train", "step": self.progress.step, "epoch": self.task.epoch,
+                           **stats, "tokens_per_s": rate, "elapsed_min": self.progress.elapsed / 60,
+                           "mfu": flops * rate / self.peak_flops if self.peak_flops else None})
+                window_tokens, window_start = 0.0, time.perf_counter()
+            if self.progress.step % self.config.valid_every == 0:
+                self.validate()
+                window_start = time.perf_counter()
+                if patience and self.progress.bad_validations >= patience:
+                    log.info("no improvement in %d validations: stopping", patience)
+                    break
+        if self.progress.step % self.config.valid_every != 0:
+            self.validate()
+        return self.progress.metrics
+
+
+def _attach_log_file(out_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("seq2seq").addHandler(handler)
+    logging.getLogger("seq2seq").setLevel(logging.INFO)
+    return handler
+
+
+def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
+          on_log: LogCallback | None = None) -> dict[str, Any]:
+    """Train what the recipe describes into ``out_dir``; returns the last validation metrics."""
+    out_dir = Path(out_dir)
+    ctx = dist.init_distributed(recipe.train.device)
+    if recipe.train.threads and ctx.device.type == "cpu":
+        torch.set_num_threads(recipe.train.threads)
+    handler = None
+    try:
+        if ctx.is_main:
+            if not resume and (out_dir / "last.pt").exists():
+                raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it "
+                                    "or choose another --out")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            handler = _attach_log_file(out_dir)
+            (out_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
+        task = make_task(recipe, ctx)
+        tokenizer = prepare_tokenizer(recipe, out_dir, task.tokenizer_texts, ctx)
+        task.encode(tokenizer)
+        trainer = Trainer(recipe, out_dir, ctx, task, tokenizer, on_log)
+        if resume:
+            last = out_dir / "last.pt"
+            if not last.exists():
+                raise TrainingError(f"{last}: nothing to resume; start without --resume")
+            trainer.restore(last)
+        return trainer.run()
+    finally:
+        if handler is not None:
+            logging.getLogger("seq2seq").removeHandler(handler)
+            handler.close()
+        dist.shutdown()

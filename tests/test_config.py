@@ -1,0 +1,97 @@
+"""Recipes: loading, overrides with type coercion, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from seq2seq.config import (
+    ConfigError,
+    Recipe,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_toml,
+    resolve_path,
+)
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_round_trips_through_toml(path, tmp_path):
+    recipe = load_recipe(path)
+    saved = tmp_path / "recipe.toml"
+    saved.write_text(recipe_to_toml(recipe))
+    assert load_recipe(saved) == recipe
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_key_is_commented(path):
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert "#" in line, f"{path.name}:{number} has no comment: {line}"
+
+
+def test_overrides_coerce_types():
+    recipe = recipe_from_dict({}, ["train.lr=0.5", "model.hidden_size=64", "data.root=/x",
+                                   "model.tie_embeddings=false", "train.max_minutes=2"])
+    assert recipe.train.lr == 0.5
+    assert recipe.model.hidden_size == 64
+    assert recipe.model.tie_embeddings is False
+    assert recipe.data.root == "/x"
+    assert recipe.train.max_minutes == 2.0
+
+
+def test_override_beats_file_value(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[train]\nlr = 0.1\nseed = 3\n")
+    recipe = load_recipe(path, ["train.lr=0.2"])
+    assert (recipe.train.lr, recipe.train.seed) == (0.2, 3)
+
+
+def test_unknown_key_names_key_and_valid_ones(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[train]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert str(path) in message and "train.learning_rate" in message and "train.lr" in message
+
+
+def test_unknown_override_and_section():
+    with pytest.raises(ConfigError, match="model.hiden_size"):
+        recipe_from_dict({}, ["model.hiden_size=3"])
+    with pytest.raises(ConfigError, match="unknown recipe key 'modle'"):
+        recipe_from_dict({"modle": {}})
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match="train.max_steps: expected int"):
+        recipe_from_dict({}, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="model.dropout: expected float"):
+        recipe_from_dict({"model": {"dropout": "high"}})
+    with pytest.raises(ConfigError, match="train: expected a"):
+        recipe_from_dict({"train": 3})
+
+
+def test_invalid_choice_and_malformed_override():
+    with pytest.raises(ConfigError, match="model.cell"):
+        recipe_from_dict({}, ["model.cell=rnn"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        recipe_from_dict({}, ["train.lr"])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "none.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\n")
+    with pytest.raises(ConfigError, match="broken.toml: not a valid TOML"):
+        load_recipe(broken)
+
+
+def test_recipe_is_frozen_and_paths_resolve():
+    recipe = Recipe()
+    with pytest.raises(AttributeError):
+        recipe.train.lr = 1.0  # type: ignore[misc]
+    assert resolve_path("/data", "a.txt") == Path("/data/a.txt")
+    assert resolve_path("/data", "/abs/a.txt") == Path("/abs/a.txt")

@@ -1,0 +1,290 @@
+"""Model invariants: step equals teacher forcing, padding never leaks, state selection, tying."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq.config import ConfigError, ModelConfig
+from seq2seq.model import CharLM, LMState, Seq2Seq, TranslationState, build_model
+from seq2seq.model import attention as attention_module
+from seq2seq.model.attention import BahdanauAttention
+from seq2seq.tokenizer import BOS, EOS, PAD
+
+VOCAB = 13  # not a multiple of 8: the padded vocabulary must never reach callers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and a busy shared CPU makes them wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(cell: str = "lstm", **overrides) -> ModelConfig:
+    values = dict(cell=cell, embed_dim=12, hidden_size=16, encoder_layers=3, decoder_layers=3,
+                  dropout=0.1, init_scale=0.3)
+    return ModelConfig(**(values | overrides))
+
+
+def translation(cell: str = "lstm", **overrides) -> Seq2Seq:
+    torch.manual_seed(0)
+    return build_model(tiny(cell, **overrides), VOCAB, "translation").eval()
+
+
+def source_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """src (3, 6) padded with PAD, each row ending in EOS, and its lengths."""
+    lengths = torch.tensor([6, 3, 4])
+    src = torch.randint(4, VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
+    steps = torch.arange(6)
+    src[steps == (lengths - 1).unsqueeze(1)] = EOS
+    src[steps >= lengths.unsqueeze(1)] = PAD
+    return src, lengths
+
+
+def target_batch() -> torch.Tensor:
+    tgt = torch.randint(4, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
+    tgt[:, 0] = BOS
+    return tgt
+
+
+def tensors(value) -> list[torch.Tensor]:
+    """Every tensor of a state, in field order."""
+    out = []
+    for field in dataclasses.fields(value):
+        part = getattr(value, field.name)
+        out += list(part) if isinstance(part, tuple) else [part]
+    return out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_translation_step_equals_teacher_forcing(cell):
+    model = translation(cell)
+    src, lengths = source_batch()
+    tgt = target_batch()
+    with torch.no_grad():
+        expected = F.log_softmax(model(src, lengths, tgt), dim=-1)  # (B, T, V)
+        state = model.start(src, lengths)
+        coverage = torch.zeros(src.shape)
+        for t in range(tgt.size(1)):
+            log_probs, state = model.step(tgt[:, t], state)
+            assert log_probs.dtype == torch.float32 and log_probs.shape == (3, VOCAB)
+            torch.testing.assert_close(log_probs, expected[:, t], atol=1e-5, rtol=0)
+            coverage += state.attention
+    torch.testing.assert_close(state.coverage, coverage)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lm_step_equals_forward(cell):
+    torch.manual_seed(0)
+    model = build_model(tiny(cell), VOCAB, "lm").eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        logits, _ = model(ids)
+        expected = F.log_softmax(logits, dim=-1)
+        state = model.start(2)
+        for t in range(ids.size(1)):
+            log_probs, state = model.step(ids[:, t], state)
+            torch.testing.assert_close(log_probs, expected[:, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lm_state_carries_across_chunks(cell):
+    torch.manual_seed(0)
+    model = build_model(tiny(cell), VOCAB, "lm").eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        whole, _ = model(ids)
+        first, state = model(ids[:, :4])
+        second, _ = model(ids[:, 4:], state.detach())
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-5, rtol=0)
+    assert whole.shape == (2, 9, VOCAB)
+
+
+def test_padding_changes_nothing_at_real_positions():
+    model = translation()
+    src, lengths = source_batch()
+    tgt = target_batch()
+    # Two more padding columns, and garbage (non-PAD ids) in every padding position.
+    padded = F.pad(src, (0, 2), value=PAD)
+    garbage = torch.where(torch.arange(8) < lengths.unsqueeze(1), padded, 5)
+    with torch.no_grad():
+        memory, mask = model.encode(src, lengths)
+        logits = model(src, lengths, tgt)
+        for other in (padded, garbage):
+            memory2, _ = model.encode(other, lengths)
+            torch.testing.assert_close(memory2[:, :6], memory, atol=1e-6, rtol=0)
+            assert memory2[:, 6:].abs().sum() == 0
+            torch.testing.assert_close(model(other, lengths, tgt), logits, atol=1e-6, rtol=0)
+        # Target padding after the end does not reach earlier target positions (causal decoder).
+        longer = model(src, lengths, F.pad(tgt, (0, 2), value=PAD))
+    torch.testing.assert_close(longer[:, :5], logits, atol=1e-6, rtol=0)
+    assert memory[~mask].abs().sum() == 0
+
+
+def test_bidirectional_encoder_sees_the_future():
+    model = translation()
+    src, lengths = source_batch()
+    changed = src.clone()
+    changed[0, 4] = 4 if src[0, 4] != 4 else 5  # a late token of row 0
+    with torch.no_grad():
+        memory, _ = model.encode(src, lengths)
+        memory2, _ = model.encode(changed, lengths)
+    assert not torch.allclose(memory[0, 0], memory2[0, 0])  # the backward direction carried it
+    torch.testing.assert_close(memory[1:], memory2[1:])
+
+
+def stepped_state(model: Seq2Seq) -> TranslationState:
+    src, lengths = source_batch()
+    state = model.start(src, lengths)
+    for t in range(2):
+        _, state = model.step(target_batch()[:, t], state)
+    return state
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_select_identity_composition_and_rows(cell):
+    model = translation(cell)
+    with torch.no_grad():
+        state = stepped_state(model)
+        same = state.select(torch.arange(3))
+        for a, b in zip(tensors(state), tensors(same), strict=True):
+            assert torch.equal(a, b)
+        a, b = torch.tensor([2, 0, 0, 1]), torch.tensor([3, 1, 1])
+        for x, y in zip(tensors(state.select(a).select(b)), tensors(state.select(a[b])),
+                        strict=True):
+            assert torch.equal(x, y)
+        # A selected state steps exactly like the same rows of the whole batch.
+        prev = torch.tensor([4, 5, 6])
+        log_probs, _ = model.step(prev, state)
+        picked, _ = model.step(prev[a], state.select(a))
+    torch.testing.assert_close(picked, log_probs[a], atol=1e-5, rtol=0)
+    assert len(state.bottom) == (2 if cell == "lstm" else 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.coverage = state.attention  # type: ignore[misc]
+
+
+def test_lm_state_select_and_detach():
+    torch.manual_seed(0)
+    model = build_model(tiny(), VOCAB, "lm")
+    _, state = model(torch.randint(0, VOCAB, (3, 4)))
+    assert all(part.requires_grad for part in state.rnn)
+    detached = state.detach()
+    assert isinstance(detached, LMState) and not any(p.requires_grad for p in detached.rnn)
+    index = torch.tensor([2, 2, 0])
+    for x, y in zip(state.select(index).rnn, state.rnn, strict=True):
+        assert torch.equal(x, y[index]) and x.shape == (3, 3, 16)
+
+
+def test_attention_weights_sum_to_one_and_vanish_at_padding():
+    torch.manual_seed(0)
+    attention = BahdanauAttention(8, 6, 10, init_scale=0.5)
+    memory = torch.randn(2, 5, 6)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    context, weights = attention(torch.randn(2, 4, 8), attention.keys(memory), memory, mask)
+    assert context.shape == (2, 4, 6) and weights.shape == (2, 4, 5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4))
+    assert weights[1, :, 2:].abs().sum() == 0
+    torch.testing.assert_close(context[1], weights[1, :, :2] @ memory[1, :2])
+    # The same through the decoder state.
+    state = stepped_state(translation())
+    torch.testing.assert_close(state.attention.sum(-1), torch.ones(3))
+    assert state.attention[~state.mask].abs().sum() == 0
+    assert state.coverage[~state.mask].abs().sum() == 0
+
+
+@pytest.mark.parametrize("rows", [1, 100])
+def test_blockwise_scores_match_plain_autograd(monkeypatch, rows):
+    monkeypatch.setattr(attention_module, "_block_rows", lambda q, k: rows)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+               for shape in [(2, 3, 4), (2, 5, 4), (4,)])
+    scores = attention_module._AdditiveScores.apply(q, k, v)
+    expected = torch.matmul(torch.tanh(q.unsqueeze(2) + k.unsqueeze(1)), v)  # (B, T, S)
+    torch.testing.assert_close(scores, expected)
+    assert torch.autograd.gradcheck(attention_module._AdditiveScores.apply, (q, k, v),
+                                    fast_mode=True)
+
+
+def test_tied_embeddings_share_storage():
+    model = translation()
+    ptr = model.src_embed.weight.data_ptr()
+    assert model.tgt_embed.weight.data_ptr() == ptr == model.output.weight.data_ptr()
+    assert model.src_embed.weight.shape == (16, 12)  # vocabulary padded to a multiple of 8
+    untied_output = translation(output_projection=False)
+    assert untied_output.tgt_embed.weight.data_ptr() == untied_output.src_embed.weight.data_ptr()
+    assert untied_output.output.weight.data_ptr() != untied_output.src_embed.weight.data_ptr()
+    untied = translation(tie_embeddings=False)
+    ptrs = {untied.src_embed.weight.data_ptr(), untied.tgt_embed.weight.data_ptr(),
+            untied.output.weight.data_ptr()}
+    assert len(ptrs) == 3
+    lm = build_model(tiny(), VOCAB, "lm")
+    assert lm.output.weight.data_ptr() == lm.embed.weight.data_ptr()
+
+
+def test_forget_gate_bias_sums_to_one():
+    model = translation()
+    lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    assert len(lstms) == 2 + 2 + 3  # two directions, two upper encoder layers, three decoder
+    for lstm in lstms:
+        h = lstm.hidden_size
+        total = lstm.bias_ih_l0 + lstm.bias_hh_l0
+        torch.testing.assert_close(total[h : 2 * h], torch.ones(h))
+        assert total[:h].abs().sum() == 0 and total[2 * h :].abs().sum() == 0
+        assert lstm.weight_hh_l0.abs().max() <= 0.3
+
+
+def test_build_model_tasks_and_shapes():
+    src, lengths = source_batch()
+    model = translation(encoder_layers=1, decoder_layers=1)
+    assert model.vocab_size == VOCAB and model.config.encoder_layers == 1
+    assert model(src, lengths, target_batch()).shape == (3, 5, VOCAB)
+    assert model.start(src, lengths).upper == ()
+    with pytest.raises(ConfigError, match="task"):
+        build_model(tiny(), VOCAB, "speech")
+
+
+def test_flops_per_token_counts_by_hand():
+    config = tiny(decoder_layers=2)
+    lm = CharLM(config, VOCAB)
+    # Layer 1: 2*(12+16)*4*16, layer 2: 2*(16+16)*4*16; projection 2*16*12; classifier 2*12*16.
+    forward = 2 * 28 * 64 + 2 * 32 * 64 + 2 * 16 * 12 + 2 * 12 * 16
+    assert lm.flops_per_token(training=False) == forward
+    assert lm.flops_per_token() == 3 * forward
+    model = translation()
+    assert model.flops_per_token(10, 10) > model.flops_per_token(5, 5) > 0  # attention grows
+
+
+def greedy(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    state = model.start(src, lengths)
+    prev, out = torch.full((src.size(0),), BOS), []
+    for _ in range(steps):
+        log_probs, state = model.step(prev, state)
+        prev = log_probs.argmax(-1)
+        out.append(prev)
+    return torch.stack(out, dim=1)
+
+
+def test_tiny_model_overfits_a_handful_of_pairs():
+    torch.manual_seed(0)
+    config = tiny(embed_dim=16, hidden_size=32, encoder_layers=2, decoder_layers=2, dropout=0.0)
+    model = build_model(config, VOCAB, "translation")
+    src = torch.randint(4, VOCAB, (8, 6))
+    src[:, -1] = EOS
+    lengths = torch.full((8,), 6)
+    tgt_out = torch.cat([src[:, :-1].flip(1), src[:, -1:]], dim=1)  # reversed source, then EOS
+    tgt_in = torch.cat([torch.full((8, 1), BOS), tgt_out[:, :-1]], dim=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(model(src, lengths, tgt_in).flatten(0, 1), tgt_out.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(greedy(model, src, lengths, 6), tgt_out)

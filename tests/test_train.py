@@ -1,0 +1,169 @@
+"""Training: the toy task is learned, checkpoints round-trip, resume is exact, DDP equals one
+process, and bad situations (non-finite losses, killed processes) are survived or reported."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq import distributed as dist
+from seq2seq.checkpoint import load_checkpoint
+from seq2seq.config import TrainConfig
+from seq2seq.data import read_parallel
+from seq2seq.inference import best_text, load_model, translate_lines
+from seq2seq.tasks import make_task
+from seq2seq.train import Trainer, TrainingError, learning_rate, train
+
+from .conftest import RECIPES, TOY_SETTINGS, lm_recipe, toy_recipe
+
+SINGLE = dist.DistContext(0, 1, 0, torch.device("cpu"))
+
+
+def assert_same_weights(path_a: Path, path_b: Path) -> None:
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a["step"] == b["step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                                strict=True):
+        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
+
+
+def test_gnmt_schedule_by_hand():
+    config = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, decay_start=0.5, decay_halvings=4)
+    assert learning_rate(config, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(config, 9, 0.09) == pytest.approx(1.0)
+    assert learning_rate(config, 50, 0.50) == 1.0
+    assert learning_rate(config, 51, 0.51) == 0.5  # first of four halvings over the last half
+    assert learning_rate(config, 70, 0.70) == 0.25
+    assert learning_rate(config, 99, 0.99) == 0.0625
+    inverse = TrainConfig(lr=1.0, warmup_steps=4, schedule="inverse_sqrt")
+    assert learning_rate(inverse, 15, 0.0) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_toy_reversal_is_learned(toy_run):
+    loaded = load_model(toy_run / "best.pt")
+    pairs = read_parallel(loaded.recipe.data, "valid", seed=loaded.recipe.train.seed)
+    outputs = translate_lines(loaded, [s for s, _ in pairs], loaded.recipe.decode)
+    texts = [best_text(loaded.tokenizer, h) for h in outputs]
+    correct = sum(text == target for text, (_, target) in zip(texts, pairs, strict=True))
+    assert correct / len(pairs) >= 0.9
+
+
+def test_checkpoint_reproduces_the_validation_it_recorded(toy_run):
+    payload = load_checkpoint(toy_run / "last.pt")
+    loaded = load_model(toy_run / "last.pt")
+    task = make_task(loaded.recipe, SINGLE)
+    task.encode(loaded.tokenizer)
+    assert task.validate(loaded.model, loaded.recipe) == payload["metrics"]
+    for name in ("recipe.toml", "best.pt", "last.pt", "metrics.jsonl", "train.log"):
+        assert (toy_run / name).exists(), name
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_equals_uninterrupted_training(tmp_path, accumulate):
+    settings = ["model.dropout=0.2", "model.hidden_size=32", "train.schedule=constant",
+                f"train.accumulate={accumulate}", "data.toy_train_size=200", "train.max_tokens=300"]
+    train(toy_recipe(*settings, "train.max_steps=16"), tmp_path / "straight")
+    train(toy_recipe(*settings, "train.max_steps=8"), tmp_path / "resumed")
+    train(toy_recipe(*settings, "train.max_steps=16"), tmp_path / "resumed", resume=True)
+    assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "resumed" / "last.pt")
+
+
+def test_lm_resume_equals_uninterrupted_training(tmp_path, lm_text):
+    train(lm_recipe(lm_text, "train.max_steps=12", "train.schedule=constant"), tmp_path / "a")
+    train(lm_recipe(lm_text, "train.max_steps=5", "train.schedule=constant"), tmp_path / "b")
+    train(lm_recipe(lm_text, "train.max_steps=12", "train.schedule=constant"), tmp_path / "b",
+          resume=True)
+    assert_same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def test_existing_run_and_missing_resume_are_clear_errors(tmp_path, lm_run, lm_text):
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(lm_recipe(lm_text, "train.max_steps=1"), lm_run)
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(lm_recipe(lm_text, "train.max_steps=1"), tmp_path / "empty", resume=True)
+
+
+def test_nonfinite_losses_skip_updates_then_stop(tmp_path, monkeypatch):
+    recipe = toy_recipe("train.max_steps=50", "train.max_nonfinite=3", "model.hidden_size=16")
+    task = make_task(recipe, SINGLE)
+    from seq2seq.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(task.tokenizer_texts(), recipe.tokenizer)
+    task.encode(tokenizer)
+    trainer = Trainer(recipe, tmp_path, SINGLE, task, tokenizer)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    original = task.loss
+    monkeypatch.setattr(task, "loss", lambda *a: tuple(x * float("nan") for x in original(*a)))
+    for _ in range(2):
+        trainer.train_step(task.next_step())
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        trainer.train_step(task.next_step())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_command(out: Path, *settings: str) -> list[str]:
+    command = [sys.executable, "-m", "seq2seq", "train", str(RECIPES / "toy_reverse.toml"),
+               "--out", str(out)]
+    for setting in (*TOY_SETTINGS, *settings):
+        command += ["--set", setting]
+    return command
+
+
+DDP_SETTINGS = ("model.dropout=0", "model.hidden_size=32", "train.max_steps=6", "train.threads=1",
+                "data.toy_train_size=300", "train.max_tokens=400", "train.valid_every=1000")
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    command = _train_command(tmp_path / "ddp", *DDP_SETTINGS)
+    workers = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for r in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=240) == 0, worker.stderr.read().decode()
+    train(toy_recipe(*DDP_SETTINGS, "train.accumulate=2"), tmp_path / "one")
+    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    # Same batches and the same normalisation; only the order of floating-point sums differs.
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(ddp["model"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(tmp_path):
+    out = tmp_path / "killed"
+    settings = ("model.hidden_size=16", "train.max_steps=100000", "train.valid_every=5",
+                "data.toy_valid_size=10", "train.keep_last=2")
+    process = subprocess.Popen(_train_command(out, *settings), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "step_10.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # most likely in the middle of a step or a save
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert step >= 10
+    assert not list(out.glob(".*.tmp")) or load_checkpoint(out / "last.pt")
+    train(toy_recipe(*settings[:1], f"train.max_steps={step + 3}", "train.valid_every=5",
+                     "data.toy_valid_size=10"), out, resume=True)
+    assert load_checkpoint(out / "last.pt")["step"] == step + 3
