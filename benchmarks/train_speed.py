@@ -4,9 +4,11 @@ One step = forward, label-smoothed cross-entropy (PAD ignored), backward, gradie
 Reports source+target tokens/s (non-padding, as NVIDIA's GNMT tables count), matmul FLOPs per
 token counted analytically (``Seq2Seq.flops_per_token``: 2*in*out per linear / gate matmul,
 attention scores and context, output layer; training = 3x forward), and MFU against a fp32 matmul
-peak (``torch.mm`` of 2048x2048) measured in the same run on the same threads.
+peak (``torch.mm`` of 2048x2048) measured in the same run on the same threads, right after every
+timed step (the CPU may be shared): ``mfu_median`` is the median over steps of each step's FLOP/s
+over its own peak; ``mfu_vs_best_peak`` divides the overall FLOP/s by the best peak seen.
 
-    /work/venv/bin/python benchmarks/train_speed.py --steps 5 --threads 2
+    /work/venv/bin/python benchmarks/train_speed.py --steps 4 --threads 2
     /work/venv/bin/python benchmarks/train_speed.py --output-projection off --profile
 
 The last line printed is one JSON object with every configuration's figures.
@@ -25,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -35,16 +38,16 @@ from seq2seq.model import Seq2Seq, build_model  # noqa: E402
 from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
 
 
-def matmul_peak(seconds: float = 2.0, size: int = 2048) -> float:
-    """Best fp32 GFLOP/s of ``torch.mm`` (size x size) over repeated short windows."""
+def matmul_peak(seconds: float = 0.5, size: int = 2048) -> float:
+    """Best fp32 GFLOP/s of ``torch.mm`` (size x size) over repeated windows of 2 products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        for _ in range(3):
+        for _ in range(2):
             torch.mm(a, b)
-        best = max(best, 3 * 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+        best = max(best, 2 * 2 * size**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
 
@@ -77,8 +80,12 @@ def make_batches(num_batches: int, target_tokens: int, vocab: int, seed: int) ->
     return batches
 
 
-def batch_flops(model: Seq2Seq, batch: dict) -> float:
-    """Training matmul FLOPs of one batch, pair by pair over real (non-padding) tokens."""
+def batch_flops(model: Seq2Seq, batch: dict, padded: bool = False) -> float:
+    """Training matmul FLOPs of one batch, pair by pair over real (non-padding) tokens, or over
+    the padded (B, S) and (B, T) shapes that are actually computed."""
+    if padded:
+        (rows, s), t = batch["src"].shape, batch["tgt_out"].size(1)
+        return model.flops_per_token(s, t) * (s + t) * rows
     total = 0.0
     for s, t in zip(batch["src_lengths"].tolist(), batch["tgt_lengths"].tolist(), strict=True):
         total += model.flops_per_token(s, t) * (s + t)
@@ -118,10 +125,15 @@ def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) 
     for batch in batches[: args.warmup]:
         train_step(model, optimizer, batch)
     timed = batches[args.warmup : args.warmup + args.steps]
-    start = time.perf_counter()
-    for batch in timed:
+    seconds, peaks, mfus, hardware = 0.0, [], [], []
+    for batch in timed:  # the CPU is shared: measure the peak right after each step
+        start = time.perf_counter()
         train_step(model, optimizer, batch)
-    seconds = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        peaks.append(matmul_peak())
+        mfus.append(batch_flops(model, batch) / elapsed / 1e9 / peaks[-1])
+        hardware.append(batch_flops(model, batch, padded=True) / elapsed / 1e9 / peaks[-1])
     if args.profile:
         profile_step(model, optimizer, timed[0])
     src_tokens = sum(int(b["src_lengths"].sum()) for b in timed)
@@ -138,6 +150,10 @@ def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) 
         "padding_fraction": round(1 - (src_tokens + tgt_tokens) / padded, 3),
         "train_flops_per_token_M": round(flops / (src_tokens + tgt_tokens) / 1e6, 2),
         "model_gflops_per_s": round(flops / seconds / 1e9, 1),
+        "matmul_peak_gflops": round(max(peaks), 1),
+        "mfu_median": round(statistics.median(mfus), 3),  # each step against its own peak
+        "mfu_vs_best_peak": round(flops / seconds / 1e9 / max(peaks), 3),
+        "mfu_incl_padding_median": round(statistics.median(hardware), 3),  # FLOPs on padding too
         "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
@@ -145,7 +161,7 @@ def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-projection", choices=["on", "off", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per config")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
@@ -161,14 +177,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     projections = {"on": [True], "off": [False], "both": [True, False]}[args.output_projection]
     batches = make_batches(args.warmup + args.steps, args.target_tokens, args.vocab, args.seed)
-    peak = matmul_peak()
     results = [run_config(args, projection, batches) for projection in projections]
-    peak = max(peak, matmul_peak())  # the CPU is shared: keep the best of two measurements
     for result in results:
-        result["mfu"] = round(result["model_gflops_per_s"] / peak, 3)
         print(" ".join(f"{key}={value}" for key, value in result.items()))
     summary = {"threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-               "matmul_peak_gflops": round(peak, 1), "configs": results}
+               "configs": results}
     print(json.dumps(summary))
 
 

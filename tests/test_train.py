@@ -167,3 +167,12 @@ def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(tmp_path):
     train(toy_recipe(*settings[:1], f"train.max_steps={step + 3}", "train.valid_every=5",
                      "data.toy_valid_size=10"), out, resume=True)
     assert load_checkpoint(out / "last.pt")["step"] == step + 3
+
+
+def test_patience_stops_when_validation_stops_improving(tmp_path):
+    # lr = 0: the first validation sets the best, the next two cannot beat it.
+    recipe = toy_recipe("train.lr=0", "train.warmup_steps=1", "train.max_steps=1000",
+                        "train.valid_every=2", "train.patience=2", "model.hidden_size=16",
+                        "train.valid_metric=loss")
+    train(recipe, tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 6

@@ -40,7 +40,7 @@ class _AdditiveScores(torch.autograd.Function):
             rows = _block_rows(q, k)
             for start in range(0, q.size(0), rows):
                 block = slice(start, start + rows)
-                energy = torch.tanh(q[block].unsqueeze(2) + k[block].unsqueeze(1))
+                energy = (q[block].unsqueeze(2) + k[block].unsqueeze(1)).tanh_()  # (b,T,S,A)
                 scores[block] = torch.matmul(energy, v)
         return scores
 
@@ -53,11 +53,11 @@ class _AdditiveScores(torch.autograd.Function):
         rows = _block_rows(q, k)
         for start in range(0, q.size(0), rows):
             block = slice(start, start + rows)
-            energy = torch.tanh(q[block].unsqueeze(2) + k[block].unsqueeze(1))  # (b, T, S, A)
+            energy = (q[block].unsqueeze(2) + k[block].unsqueeze(1)).tanh_()  # (b, T, S, A)
             g = grad[block]  # (b, T, S)
             grad_v += (g.reshape(1, -1) @ energy.reshape(-1, v.numel())).squeeze(0).float()
-            # d score / d (q + k) = v * (1 - tanh^2), in place on the recomputed block
-            energy.square_().sub_(1.0).mul_(g.unsqueeze(-1) * -v)
+            # d score / d (q + k) = g * v * (1 - tanh^2), in place on the recomputed block
+            torch.ops.aten.tanh_backward.grad_input(g.unsqueeze(-1) * v, energy, grad_input=energy)
             torch.sum(energy, dim=2, out=grad_q[block])
             torch.sum(energy, dim=1, out=grad_k[block])
         return grad_q, grad_k, grad_v.to(v.dtype)

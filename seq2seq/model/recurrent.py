@@ -130,9 +130,9 @@ class BidirectionalLayer(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """x (B,S,I), lengths (B,) -> (B,S,H); values at padding positions are arbitrary."""
-        forward, _ = self.forward_rnn(x)
-        backward, _ = self.backward_rnn(reverse_padded(x, lengths))
-        return torch.cat([forward, reverse_padded(backward, lengths)], dim=-1)
+        ahead, _ = self.forward_rnn(x)
+        behind, _ = self.backward_rnn(reverse_padded(x, lengths))
+        return torch.cat([ahead, reverse_padded(behind, lengths)], dim=-1)
 
 
 class OutputLayer(nn.Module):

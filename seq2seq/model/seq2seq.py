@@ -5,7 +5,8 @@ residual from the third layer up. Decoder: layer 1 over the target embeddings; i
 the attention over the encoder memory; the context is concatenated to the input of every upper
 layer and to the output layer. No input feeding, so teacher-forced training runs every layer as
 one whole-sequence fused call and the attention for all target positions as one batched op, and
-``step`` is the same code with T = 1.
+``step`` is the same code with T = 1. As in GNMT v2 the decoder starts from a zero state (the
+encoder's final states are not passed on).
 """
 
 from __future__ import annotations

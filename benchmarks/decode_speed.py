@@ -1,0 +1,197 @@
+"""Decoding speed on Multi30k test_2016_flickr: beam 5 and greedy, fp32 and (optionally) int8.
+
+With ``--checkpoint`` the source file goes through ``inference.translate_lines`` (the real path:
+tokenise, batch by length under the token budget, decode, restore the order) and, with references,
+BLEU/chrF are scored. Without it a reference-size model (embedding 256, hidden 512, 2+2 layers,
+8k vocabulary) gets seeded random weights and an 8k SentencePiece tokenizer is trained on the
+Multi30k train de+en (``--tokenizer-sentences`` samples fewer for a faster start); each sentence's
+output is capped at its reference length (in target pieces) + 10, since random weights rarely emit
+EOS. Those hypotheses mostly run to the cap, so random-weight figures decode somewhat *longer*
+outputs than a trained model and are pessimistic per sentence.
+
+Figures per configuration: sentences/s decode-only (wall time around the decode calls only, after
+an untimed warm-up on 8 sentences; with a checkpoint it includes the source tokenisation inside
+translate_lines, ~1% of it), tokens/s = (source pieces without EOS + best hypothesis' pieces
+without EOS) / decode time, and peak RSS (getrusage maxrss: the process-wide peak so far, so the
+int8 rows include the fp32 model). The last line printed is one JSON object with every figure and
+the peers' (PEERS.md, OpenNMT-py batch 64, decode-only) with our ratio to them.
+
+    /work/venv/bin/python benchmarks/decode_speed.py                       # random weights
+    /work/venv/bin/python benchmarks/decode_speed.py --int8 --threads 2
+    /work/venv/bin/python benchmarks/decode_speed.py --checkpoint runs/x/best.pt --int8
+    /work/venv/bin/python benchmarks/decode_speed.py --sentences 40 --threads 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import os
+
+# Sleep rather than spin at OpenMP barriers on a shared CPU (see benchmarks/train_speed.py); it
+# must be set before torch loads OpenMP, and an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch.nn.utils.rnn import pad_sequence  # noqa: E402
+
+from seq2seq.config import DecodeConfig, ModelConfig, Recipe, TokenizerConfig  # noqa: E402
+from seq2seq.data import inference_batches, read_lines  # noqa: E402
+from seq2seq.evaluate import score_corpus  # noqa: E402
+from seq2seq.inference import (  # noqa: E402
+    LoadedModel,
+    encode_source,
+    load_model,
+    quantize_int8,
+    translate_lines,
+    translation_max_lengths,
+)
+from seq2seq.model import build_model  # noqa: E402
+from seq2seq.search import decode as search_decode  # noqa: E402
+from seq2seq.tokenizer import BOS, PAD, train_tokenizer  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # <repo>/../shared
+# PEERS.md, "Decoding test_2016_flickr": OpenNMT-py (the best peer), batch 64, decode-only.
+PEERS = {5: {"tool": "OpenNMT-py", "batch": 64, "sentences_per_s": 38.8, "whole_process": 31.5},
+         1: {"tool": "OpenNMT-py", "batch": 64, "sentences_per_s": 97.1, "whole_process": 61.9}}
+
+
+warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")  # int8 LSTM, torch 2.x
+
+
+def random_model(args: argparse.Namespace) -> LoadedModel:
+    """A reference-size translation model with seeded random weights and an 8k tokenizer."""
+    train = [line for lang in ("de", "en") for line in read_lines(args.data / f"train.{lang}.gz")]
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(train, TokenizerConfig(vocab_size=args.vocab,
+                                                       max_sentences=args.tokenizer_sentences))
+    print(f"tokenizer: {tokenizer.vocab_size} pieces from "
+          f"{min(len(train), args.tokenizer_sentences)} sentences in "
+          f"{time.perf_counter() - start:.1f}s")
+    torch.manual_seed(args.seed)
+    config = ModelConfig(embed_dim=256, hidden_size=512, encoder_layers=2, decoder_layers=2)
+    model = build_model(config, args.vocab, "translation").eval()
+    return LoadedModel(Recipe(), model, tokenizer, torch.device("cpu"), 0)
+
+
+@torch.inference_mode()
+def decode_capped(loaded: LoadedModel, src_ids: list[list[int]], caps: torch.Tensor,
+                  config: DecodeConfig, strategy: str) -> list[list[int]]:
+    """``inference.translate_ids`` with a given max length per sentence; best tokens, in order."""
+    out: list[list[int]] = [[] for _ in src_ids]
+    for indices in inference_batches(src_ids, config.max_tokens_per_batch):
+        src = pad_sequence([torch.tensor(src_ids[i]) for i in indices], batch_first=True,
+                           padding_value=PAD)
+        state = loaded.model.start(src, torch.tensor([len(src_ids[i]) for i in indices]))
+        first = torch.full((len(indices),), BOS, dtype=torch.long)
+        hyps = search_decode(loaded.model.step, state, first, caps[indices], config, strategy)
+        for i, per_input in zip(indices, hyps, strict=True):
+            out[i] = per_input[0].tokens
+    return out
+
+
+def decode_all(loaded: LoadedModel, lines: list[str], src_ids: list[list[int]],
+               caps: torch.Tensor | None, config: DecodeConfig, strategy: str) -> list[list[int]]:
+    """Best hypothesis tokens per line: the real path with a checkpoint, else capped lengths."""
+    if caps is None:
+        with torch.inference_mode():
+            hyps = translate_lines(loaded, lines, config, strategy)
+        return [per_input[0].tokens if per_input else [] for per_input in hyps]
+    return decode_capped(loaded, src_ids, caps, config, strategy)
+
+
+def run_config(loaded: LoadedModel, precision: str, beam: int, data: dict,
+               base: DecodeConfig) -> dict:
+    """Warm up on 8 sentences, then time decoding all of them with one beam size."""
+    config = replace(base, beam_size=beam, n_best=1)
+    strategy = "beam" if beam > 1 else "greedy"
+    lines, src_ids, caps, refs = data["lines"], data["src_ids"], data["caps"], data["refs"]
+    decode_all(loaded, lines[:8], src_ids[:8], None if caps is None else caps[:8], config,
+               strategy)
+    start = time.perf_counter()
+    tokens = decode_all(loaded, lines, src_ids, caps, config, strategy)
+    seconds = time.perf_counter() - start
+    src_tokens = sum(len(ids) - 1 for ids in src_ids)
+    tgt_tokens = sum(len(t) for t in tokens)
+    result = {
+        "precision": precision, "beam": beam, "sentences": len(lines),
+        "decode_s": round(seconds, 2),
+        "sentences_per_s": round(len(lines) / seconds, 1),
+        "tokens_per_s": round((src_tokens + tgt_tokens) / seconds),
+        "source_tokens": src_tokens, "target_tokens": tgt_tokens,
+        "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "bleu": None, "chrf": None,
+    }
+    if refs is not None and caps is None:  # BLEU of random weights means nothing
+        scores = score_corpus([loaded.tokenizer.decode(t) for t in tokens], refs)
+        result["bleu"], result["chrf"] = round(scores["bleu"], 2), round(scores["chrf"], 2)
+    peer = PEERS.get(beam)
+    result["peer_sentences_per_s"] = peer["sentences_per_s"] if peer else None
+    result["ratio_to_peer"] = round(result["sentences_per_s"] / peer["sentences_per_s"], 2) \
+        if peer else None
+    return result
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="trained model (default: random weights)")
+    parser.add_argument("--data", type=Path, default=DATA, help="Multi30k directory")
+    parser.add_argument("--source", type=Path, help="default DATA/test_2016_flickr.de.gz")
+    parser.add_argument("--reference", type=Path, help="default DATA/test_2016_flickr.en.gz")
+    parser.add_argument("--beams", default="5,1", help="comma-separated beam sizes (1 = greedy)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sentences", type=int, default=1000, help="first N source lines")
+    parser.add_argument("--max-tokens-per-batch", type=int,
+                        help="source-token budget per batch (default: the recipe's)")
+    parser.add_argument("--int8", action="store_true", help="also run int8 dynamic quantisation")
+    parser.add_argument("--vocab", type=int, default=8000, help="random weights: vocabulary")
+    parser.add_argument("--tokenizer-sentences", type=int, default=1_000_000,
+                        help="random weights: sentences sampled to train the tokenizer")
+    parser.add_argument("--seed", type=int, default=1)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    source = args.source or args.data / "test_2016_flickr.de.gz"
+    reference = args.reference or args.data / "test_2016_flickr.en.gz"
+    lines = read_lines(source)[: args.sentences]
+    refs = read_lines(reference)[: args.sentences] if reference.exists() else None
+    loaded = load_model(args.checkpoint) if args.checkpoint else random_model(args)
+    base = loaded.recipe.decode
+    if args.max_tokens_per_batch:
+        base = replace(base, max_tokens_per_batch=args.max_tokens_per_batch)
+    max_length = loaded.recipe.data.max_length
+    src_ids = [encode_source(loaded.tokenizer, line, max_length) for line in lines]
+    caps = None
+    if not args.checkpoint:  # random weights: cap at the reference length + 10
+        caps = (torch.tensor([len(loaded.tokenizer.encode(r)) + 10 for r in refs]) if refs
+                else translation_max_lengths(torch.tensor([len(s) for s in src_ids]), base))
+    data = {"lines": lines, "src_ids": src_ids, "caps": caps, "refs": refs}
+    models = [("fp32", loaded)]
+    if args.int8:
+        models.append(("int8", replace(loaded, model=quantize_int8(loaded.model))))
+    results = []
+    for precision, model in models:
+        for beam in (int(b) for b in args.beams.split(",")):
+            result = run_config(model, precision, beam, data, base)
+            print(" ".join(f"{key}={value}" for key, value in result.items()))
+            results.append(result)
+    summary = {"weights": str(args.checkpoint) if args.checkpoint else "random",
+               "parameters_M": round(sum(p.numel() for p in loaded.model.parameters()) / 1e6, 2),
+               "source": str(source), "threads": args.threads,
+               "max_tokens_per_batch": base.max_tokens_per_batch,
+               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+               "tokens_counted": "source pieces without EOS + best hypothesis pieces without EOS",
+               "configs": results, "peers": {f"beam{b}": p for b, p in PEERS.items()}}
+    print(json.dumps(summary))
+
+if __name__ == "__main__":
+    main()
