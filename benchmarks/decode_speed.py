@@ -48,11 +48,10 @@ from seq2seq.inference import (  # noqa: E402
     LoadedModel,
     encode_source,
     load_model,
-    quantize_int8,
     translate_lines,
     translation_max_lengths,
 )
-from seq2seq.model import build_model  # noqa: E402
+from seq2seq.model import build_model, quantize_int8  # noqa: E402
 from seq2seq.search import decode as search_decode  # noqa: E402
 from seq2seq.tokenizer import BOS, PAD, train_tokenizer  # noqa: E402
 

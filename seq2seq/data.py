@@ -265,9 +265,8 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer,
         else:
             src.append(x + [EOS])
             tgt.append(list(y))
-    if empty or long:
-        log.info("dropped %d empty pairs and %d pairs longer than %d tokens (kept %d of %d)",
-                 empty, long, max_length, len(src), len(pairs))
+    log.info("encoded %d of %d pairs: dropped %d with an empty side and %d longer than %d tokens",
+             len(src), len(pairs), empty, long, max_length)
     return ParallelData(src, tgt)
 
 

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.data import inference_batches
-from seq2seq.model import build_model
+from seq2seq.model import build_model, quantize_int8
 from seq2seq.search import Hypothesis, decode
 from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer, tokenizer_from_bytes
 
@@ -50,13 +50,6 @@ def resolve_device(device: str) -> torch.device:
             raise InferenceError(f"device {device!r}: CUDA is not available; use --device cpu")
         return torch.device(device)
     raise InferenceError(f"unknown device {device!r}; use cpu, cuda or auto")
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantisation of the LSTM/GRU and linear layers (CPU inference)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
 
 
 def load_model(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LoadedModel:
@@ -204,7 +197,8 @@ def write_translations(loaded: LoadedModel, lines: Iterable[str], config: Decode
     """Stream translations of ``lines`` to ``sink``; returns the number of inputs.
 
     One line per input, or with ``n_best`` the TSV ``index<TAB>rank<TAB>score<TAB>text`` for
-    each of the n best hypotheses. ``attention_dir`` gets one heatmap PNG per sentence.
+    each of the n best hypotheses (an empty input gives one row with score 0 and no text).
+    ``attention_dir`` gets one heatmap PNG per sentence.
     """
     if attention_dir is not None:
         from seq2seq.plot import attention_heatmap
@@ -213,7 +207,7 @@ def write_translations(loaded: LoadedModel, lines: Iterable[str], config: Decode
     count = 0
     for index, (line, hyps) in enumerate(translate_stream(loaded, lines, config)):
         if n_best:
-            for rank, hyp in enumerate(hyps[: config.n_best], start=1):
+            for rank, hyp in enumerate(hyps[: config.n_best] or [Hypothesis([], 0.0, 0.0)], 1):
                 text = loaded.tokenizer.decode(hyp.tokens)
                 sink.write(f"{index}\t{rank}\t{hyp.score:.4f}\t{text}\n")
         else:

@@ -70,12 +70,14 @@ def test_translate_streams_lines_in_order_with_empty_lines(toy_run):
 def test_translate_n_best_tsv_and_files(toy_run, tmp_path):
     pairs = toy_valid(toy_run)[:3]
     source = tmp_path / "in.txt"
-    source.write_text("\n".join(s for s, _ in pairs) + "\n")
+    source.write_text("\n".join(s for s, _ in pairs) + "\n\n")  # the last input is empty
     out = tmp_path / "out.tsv"
     result = invoke("translate", toy_run / "best.pt", "--input", source, "--output", out,
                     "--beam-size", "4", "--n-best", "2")
     assert result.exit_code == 0, result.output
     rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert rows[-1] == ["3", "1", "0.0000", ""]
+    rows = rows[:-1]
     assert [(int(r[0]), int(r[1])) for r in rows] == [(i, k) for i in range(3) for k in (1, 2)]
     assert all(float(rows[2 * i][2]) >= float(rows[2 * i + 1][2]) for i in range(3))
     assert [rows[2 * i][3] for i in range(3)] == [t for _, t in pairs]

@@ -231,7 +231,7 @@ def test_encode_pairs_appends_eos_and_filters_with_counts(char_tokenizer, caplog
     enc = char_tokenizer.encode
     assert data.src == [enc("ab") + [EOS], enc("??") + [EOS], enc("abc") + [EOS]]
     assert data.tgt == [enc("cde"), enc("x"), enc("abc")]
-    assert "dropped 1 empty pairs and 2 pairs longer than 5" in caplog.text
+    assert "encoded 3 of 6 pairs: dropped 1 with an empty side and 2 longer than 5" in caplog.text
 
 
 def random_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:

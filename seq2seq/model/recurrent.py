@@ -160,13 +160,27 @@ class OutputLayer(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(padded, width).uniform_(-init_scale, init_scale))
         self.bias = nn.Parameter(torch.zeros(padded))
+        self.int8_classifier: nn.Module | None = None  # set by quantize_classifier()
+
+    def quantize_classifier(self) -> None:
+        """Use a dynamic int8 copy of the classifier (CPU inference; the largest matmul)."""
+        from torch.ao.quantization import quantize_dynamic
+
+        linear = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        linear.weight = nn.Parameter(self.weight.detach().clone())
+        linear.bias = nn.Parameter(self.bias.detach().clone())
+        self.int8_classifier = quantize_dynamic(nn.Sequential(linear), {nn.Linear},
+                                                dtype=torch.qint8)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., F) -> logits (..., V)."""
         x = self.dropout(x)
         if self.project is not None:
             x = self.project(x)
-        logits = F.linear(x, self.weight, self.bias)
+        if self.int8_classifier is not None:
+            logits = self.int8_classifier(x)
+        else:
+            logits = F.linear(x, self.weight, self.bias)
         return logits if logits.size(-1) == self.vocab_size else logits[..., : self.vocab_size]
 
     def flops(self) -> int:
