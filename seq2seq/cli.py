@@ -6,6 +6,7 @@ code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -124,6 +125,7 @@ def translate(
     from seq2seq import inference
 
     def action() -> None:
+        inference.limit_allocator_growth()
         loaded = inference.load_model(checkpoint, device, quantize)
         inference.require_task(loaded, "translation", checkpoint)
         config = _decode_options(loaded, beam_size=beam_size, length_penalty=length_penalty,
@@ -131,13 +133,11 @@ def translate(
                                  max_tokens_per_batch=max_tokens_per_batch)
         source = sys.stdin.buffer if input == "-" else _open_input(input)
         lines = inference.read_utf8_lines(source, "<stdin>" if input == "-" else input)
-        sink = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")  # noqa: SIM115
-        try:
-            inference.write_translations(loaded, lines, config, sink, n_best=n_best is not None,
+        sink = (contextlib.nullcontext(sys.stdout) if output == "-"
+                else inference.atomic_output(output))
+        with sink as stream:
+            inference.write_translations(loaded, lines, config, stream, n_best=n_best is not None,
                                          attention_dir=attention_plot)
-        finally:
-            if sink is not sys.stdout:
-                sink.close()
 
     _run(action)
 

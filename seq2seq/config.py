@@ -104,6 +104,7 @@ class TrainConfig:
     valid_metric: str = "bleu"  # "bleu" | "loss"
     patience: int = 0  # stop after N validations without improvement (0 = never)
     keep_last: int = 2
+    save_every: int = 0  # steps between extra step checkpoints, for averaging (0 = validations)
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16" (autocast on GPU only)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)

@@ -25,7 +25,7 @@ class TrainingProgress:
 
     def __init__(self, config: TrainConfig, console: Console):
         self.config = config
-        self.bounded = bool(config.max_steps or config.max_minutes)
+        self.bounded = bool(config.max_steps or config.max_minutes or config.max_epochs)
         self.bar = Progress(TextColumn("[bold]train"), BarColumn(),
                             TextColumn("{task.description}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -50,7 +50,9 @@ class TrainingProgress:
                 f"{event['tokens_per_s']:,.0f} tok/s  lr {event['lr']:.2e}")
         if event.get("mfu"):
             text += f"  MFU {event['mfu']:.0%}"
-        fraction = budget_fraction(self.config, event["step"], event["elapsed_min"] * 60.0)
+        fraction = event.get("budget")
+        if fraction is None:
+            fraction = budget_fraction(self.config, event["step"], event["elapsed_min"] * 60.0)
         self.bar.update(self.task_id, description=text,
                         completed=min(fraction, 1.0) * RESOLUTION if self.bounded else None)
         if not self.bar.console.is_terminal:

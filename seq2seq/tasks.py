@@ -44,6 +44,8 @@ def token_losses(logits: torch.Tensor, target: torch.Tensor,
 class Task(Protocol):
     @property
     def epoch(self) -> int: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
 
     def tokenizer_texts(self) -> Iterator[str]: ...
     def encode(self, tokenizer: Tokenizer) -> None: ...
@@ -85,10 +87,15 @@ class TranslationTask:
                                    rank=self.ctx.rank * config.accumulate + j, world_size=shards)
             for j in range(config.accumulate)]
         self._iterators = [iter(sampler) for sampler in self.samplers]
+        self._steps_per_epoch = len(self.samplers[0])
 
     @property
     def epoch(self) -> int:
         return self.samplers[0].epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._steps_per_epoch
 
     def next_step(self) -> list[data.Batch]:
         """The micro-batches of the next optimizer step (a new epoch starts when one ends)."""
@@ -164,6 +171,10 @@ class LanguageModelTask:
     @property
     def epoch(self) -> int:
         return self.stream.epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.stream) // self.recipe.train.accumulate)
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``accumulate`` consecutive chunks; the state carries from one to the next."""

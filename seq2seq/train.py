@@ -46,13 +46,17 @@ class Progress:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def budget_fraction(config: TrainConfig, step: int, elapsed: float) -> float:
-    """How much of the training budget is spent: the larger of the step and time fractions."""
+def budget_fraction(config: TrainConfig, step: int, elapsed: float,
+                    steps_per_epoch: int = 0) -> float:
+    """How much of the training budget is spent: the largest of the step, time and epoch
+    fractions (the epoch budget counts ``steps_per_epoch`` optimizer steps per epoch)."""
     fractions = [0.0]
     if config.max_steps:
         fractions.append(step / config.max_steps)
     if config.max_minutes:
         fractions.append(elapsed / (60.0 * config.max_minutes))
+    if config.max_epochs and steps_per_epoch:
+        fractions.append(step / (steps_per_epoch * config.max_epochs))
     return max(fractions)
 
 
@@ -210,8 +214,7 @@ class Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         finite = math.isfinite(totals[0].item()) and bool(torch.isfinite(norm))
         bad = torch.tensor([0.0 if finite else 1.0])
-        lr = learning_rate(self.config, self.progress.step,
-                           budget_fraction(self.config, self.progress.step, self.progress.elapsed))
+        lr = learning_rate(self.config, self.progress.step, self.budget_spent())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if dist.all_reduce_sum(bad).item() > 0 and self.autocast_dtype != torch.float16:
@@ -239,6 +242,11 @@ class Trainer:
             handle.write(json.dumps(event) + "\n")
         if self.on_log is not None:
             self.on_log(event)
+
+    def budget_spent(self) -> float:
+        """The fraction of the step, time or epoch budget spent (drives the schedule)."""
+        return budget_fraction(self.config, self.progress.step, self.progress.elapsed,
+                               self.task.steps_per_epoch)
 
     def out_of_budget(self) -> bool:
         """Whether any budget is spent; rank 0's clock decides for every rank."""
@@ -285,14 +293,18 @@ class Trainer:
                 rate = window_tokens / seconds
                 self.emit({"event": "train", "step": self.progress.step, "epoch": self.task.epoch,
                            **stats, "tokens_per_s": rate, "elapsed_min": self.progress.elapsed / 60,
+                           "budget": self.budget_spent(),
                            "mfu": flops * rate / self.peak_flops if self.peak_flops else None})
                 window_tokens, window_start = 0.0, time.perf_counter()
+            paused = time.perf_counter()
             if self.progress.step % self.config.valid_every == 0:
                 self.validate()
-                window_start = time.perf_counter()
                 if patience and self.progress.bad_validations >= patience:
                     log.info("no improvement in %d validations: stopping", patience)
                     break
+            elif self.config.save_every and self.progress.step % self.config.save_every == 0:
+                self.save(is_best=False)
+            window_start += time.perf_counter() - paused  # keep validation out of tokens/s
         if self.progress.step % self.config.valid_every != 0:
             self.validate()
         return self.progress.metrics

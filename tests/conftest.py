@@ -64,3 +64,16 @@ def lm_run(tmp_path_factory, lm_text) -> Path:
     out = tmp_path_factory.mktemp("lm_run")
     train(lm_recipe(lm_text, "train.max_steps=20"), out)
     return out
+
+
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """Offline Hugging Face with a private cache, even if datasets was imported earlier."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

@@ -188,3 +188,22 @@ def test_bad_translate_options_and_input(toy_run):
     assert_user_error(invoke("translate", best, "--device", "tpu", input="a\n"), "tpu")
     assert_user_error(invoke("translate", best, "--quantize", "int4", input="a\n"), "int4")
     assert_user_error(invoke("translate", best, input=b"a b\n\xff\xfe\n"), "line 2", "UTF-8")
+
+
+def test_translate_output_file_is_replaced_only_on_success(toy_run, tmp_path):
+    """A bad input line leaves an existing --output file exactly as it was, and no stray files."""
+    out = tmp_path / "out.txt"
+    out.write_text("earlier results\n")
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"a b c\n\xff\xfe\n")
+    failed = invoke("translate", toy_run / "best.pt", "--input", source, "--output", out)
+    assert_user_error(failed, "line 2")
+    assert out.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+    source.write_bytes(b"a b c\n")
+    succeeded = invoke("translate", toy_run / "best.pt", "--input", source, "--output", out)
+    assert succeeded.exit_code == 0, succeeded.output
+    assert out.read_text().count("\n") == 1 and out.read_text() != "earlier results\n"
+    missing = invoke("translate", toy_run / "best.pt", "--input", source, "--output",
+                     tmp_path / "no" / "such" / "dir.txt")
+    assert_user_error(missing, "cannot write")

@@ -144,19 +144,6 @@ def test_jsonl_bad_json_and_missing_field_name_file_and_line(tmp_path):
         read_parallel(data, "train")
 
 
-@pytest.fixture
-def hf_offline(monkeypatch, tmp_path):
-    """Offline Hugging Face with a private cache, even if datasets was imported earlier."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
 def test_hf_local_directory_with_nested_translation(tmp_path, hf_offline):
     folder = tmp_path / "wmt_like"
     folder.mkdir()

@@ -58,7 +58,7 @@ def tensors(value) -> list[torch.Tensor]:
     out = []
     for field in dataclasses.fields(value):
         part = getattr(value, field.name)
-        out += list(part) if isinstance(part, tuple) else [part]
+        out += list(part) if isinstance(part, tuple) else [torch.as_tensor(part)]
     return out
 
 
@@ -169,6 +169,28 @@ def test_select_identity_composition_and_rows(cell):
         state.coverage = state.attention  # type: ignore[misc]
 
 
+def test_beam_groups_attend_like_rows_gathered_one_by_one():
+    """Rows laid out as k consecutive beams per sentence take the grouped attention path; the
+    same rows in another order gather the memory per row. Both give the same log-probs."""
+    model = translation()
+    with torch.no_grad():
+        state = stepped_state(model)
+        grouped = state.select(torch.arange(3).repeat_interleave(2))
+        order = torch.tensor([4, 5, 0, 1, 2, 3])  # sentences 2, 0, 1: not in order
+        scattered = state.select(torch.arange(3).repeat_interleave(2)[order])
+        assert grouped.group == 2 and scattered.group == 0
+        assert grouped.memory.shape[0] == scattered.memory.shape[0] == 3  # never per beam
+        prev = torch.tensor([4, 5, 6, 7, 8, 9])
+        log_probs, after = model.step(prev, grouped)
+        reordered, after_scattered = model.step(prev[order], scattered)
+        # A sentence with no rows left leaves the memory.
+        dropped = after.select(torch.tensor([0, 1, 4, 5]))
+    torch.testing.assert_close(reordered, log_probs[order], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after_scattered.coverage, after.coverage[order])
+    assert dropped.memory.shape[0] == 2 and dropped.group == 2
+    assert torch.equal(dropped.memory, after.memory[[0, 2]])
+
+
 def test_lm_state_select_and_detach():
     torch.manual_seed(0)
     model = build_model(tiny(), VOCAB, "lm")
@@ -194,8 +216,8 @@ def test_attention_weights_sum_to_one_and_vanish_at_padding():
     # The same through the decoder state.
     state = stepped_state(translation())
     torch.testing.assert_close(state.attention.sum(-1), torch.ones(3))
-    assert state.attention[~state.mask].abs().sum() == 0
-    assert state.coverage[~state.mask].abs().sum() == 0
+    assert state.attention[~state.row_mask].abs().sum() == 0
+    assert state.coverage[~state.row_mask].abs().sum() == 0
 
 
 @pytest.mark.parametrize("rows", [1, 100])
@@ -288,3 +310,48 @@ def test_tiny_model_overfits_a_handful_of_pairs():
     model.eval()
     with torch.no_grad():
         assert torch.equal(greedy(model, src, lengths, 6), tgt_out)
+
+
+def test_step_lstm_is_the_same_function_as_the_fused_lstm():
+    """StepLSTM (one [x; h] matmul per step, reordered gates) with an fp32 linear equals nn.LSTM;
+    with the int8 linear it stays close."""
+    from torch.ao.quantization import quantize_dynamic
+
+    from seq2seq.model.quantize import StepLSTM
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 8, batch_first=True)
+    with torch.no_grad():
+        lstm.bias_ih_l0.uniform_(-0.5, 0.5)
+    x, h0, c0 = torch.randn(3, 5, 6), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    step = StepLSTM.from_lstm(lstm)
+    with torch.no_grad():
+        expected, (h, c) = lstm(x, (h0, c0))
+        got, (h2, c2) = step(x, (h0, c0))
+        from_zero, _ = step(x)
+        int8 = quantize_dynamic(torch.nn.Sequential(step), {torch.nn.Linear}, dtype=torch.qint8)[0]
+        approx, _ = int8(x, (h0, c0))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close((h2, c2), (h, c), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(from_zero, lstm(x)[0].detach(), atol=1e-6, rtol=1e-5)
+    assert isinstance(int8.gates, torch.ao.nn.quantized.dynamic.Linear)
+    assert (approx - expected).abs().max() < 0.05
+    with pytest.raises(ValueError, match="single-layer"):
+        StepLSTM.from_lstm(torch.nn.LSTM(6, 8, num_layers=2, batch_first=True))
+
+
+def test_int8_model_quantises_decoder_lstms_and_stays_close():
+    from seq2seq.model import quantize_int8
+    from seq2seq.model.quantize import StepLSTM
+
+    model = translation().eval()
+    int8 = quantize_int8(model)
+    assert all(isinstance(layer, StepLSTM) for layer in int8.decoder_upper.layers)
+    assert isinstance(int8.decoder_bottom.layers[0], StepLSTM)
+    assert isinstance(int8.encoder_upper.layers[0], torch.nn.LSTM)  # whole sentences: fused fp32
+    assert isinstance(model.decoder_bottom.layers[0], torch.nn.LSTM)  # the original is untouched
+    src, lengths = source_batch()
+    with torch.no_grad():
+        exact, _ = model.step(torch.tensor([4, 5, 6]), model.start(src, lengths))
+        approx, _ = int8.step(torch.tensor([4, 5, 6]), int8.start(src, lengths))
+    assert (approx.exp() - exact.exp()).abs().max() < 0.02

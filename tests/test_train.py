@@ -3,6 +3,7 @@ process, and bad situations (non-finite losses, killed processes) are survived o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,11 +17,11 @@ import torch
 
 from seq2seq import distributed as dist
 from seq2seq.checkpoint import load_checkpoint
-from seq2seq.config import TrainConfig
+from seq2seq.config import TrainConfig, load_recipe
 from seq2seq.data import read_parallel
 from seq2seq.inference import best_text, load_model, translate_lines
 from seq2seq.tasks import make_task
-from seq2seq.train import Trainer, TrainingError, learning_rate, train
+from seq2seq.train import Trainer, TrainingError, budget_fraction, learning_rate, train
 
 from .conftest import RECIPES, TOY_SETTINGS, lm_recipe, toy_recipe
 
@@ -35,6 +36,17 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
                                 strict=True):
         assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
+
+
+def test_epoch_budget_drives_the_schedule():
+    """An epochs-only budget (the WMT16 recipe) still decays: steps / (epochs x steps/epoch)."""
+    config = TrainConfig(max_epochs=6, max_steps=0, max_minutes=0.0, decay_start=0.5)
+    assert budget_fraction(config, 300, 0.0, steps_per_epoch=100) == 0.5
+    assert budget_fraction(config, 450, 0.0, steps_per_epoch=100) == 0.75
+    assert learning_rate(config, 450, 0.75) < config.lr
+    assert budget_fraction(config, 450, 0.0) == 0.0  # epoch length unknown: no decay
+    mixed = TrainConfig(max_epochs=2, max_steps=1000, max_minutes=1.0)
+    assert budget_fraction(mixed, 100, 45.0, steps_per_epoch=100) == 0.75  # the clock leads
 
 
 def test_gnmt_schedule_by_hand():
@@ -176,3 +188,36 @@ def test_patience_stops_when_validation_stops_improving(tmp_path):
                         "train.valid_metric=loss")
     train(recipe, tmp_path)
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 6
+
+
+def test_wmt16_gnmt_recipe_builds_and_steps_on_a_local_copy(tmp_path, hf_offline):
+    """The GNMT v2 recipe as shipped (4+4 layers, hf wmt16 de-en, nested translation rows), shrunk
+    in width only, reads a local copy through datasets and takes optimizer steps."""
+    shipped = load_recipe(RECIPES / "wmt16_en_de_gnmt.toml")
+    assert (shipped.data.hf_dataset, shipped.data.hf_config) == ("wmt16", "de-en")
+    assert (shipped.model.encoder_layers, shipped.model.decoder_layers) == (4, 4)
+    assert (shipped.model.hidden_size, shipped.tokenizer.vocab_size) == (1024, 32000)
+    train_config = shipped.train
+    assert (train_config.lr, train_config.decay_halvings, train_config.max_epochs) == (2e-3, 4, 6)
+    assert shipped.train.label_smoothing == 0.1
+    assert (shipped.decode.beam_size, shipped.decode.length_penalty,
+            shipped.decode.coverage_penalty) == (5, 0.6, 0.1)
+    english = ["a dog runs across the meadow", "two men are playing football",
+               "a woman reads a book", "children play in the sand"]
+    german = ["ein Hund läuft über die Wiese", "zwei Männer spielen Fußball",
+              "eine Frau liest ein Buch", "Kinder spielen im Sand"]
+    folder = tmp_path / "wmt16"
+    folder.mkdir()
+    for split, n in (("train", 40), ("validation", 4), ("test", 4)):
+        rows = [{"translation": {"de": german[i % 4], "en": english[i % 4]}} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows),
+                                               encoding="utf-8")
+    recipe = load_recipe(RECIPES / "wmt16_en_de_gnmt.toml", [
+        f"data.root={tmp_path}", "data.hf_config=", "tokenizer.vocab_size=60",
+        "model.embed_dim=16", "model.hidden_size=16", "train.max_epochs=0", "train.max_steps=3",
+        "train.max_tokens=300", "train.log_every=1", "train.valid_every=3"])
+    train(recipe, tmp_path / "run")
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["step"] == 3
+    model = load_model(tmp_path / "run" / "last.pt").model
+    assert len(model.encoder_upper.layers) == len(model.decoder_upper.layers) == 3

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
 from seq2seq.config import ConfigError, ModelConfig
 from seq2seq.model.lm import CharLM, LMState
-from seq2seq.model.recurrent import OutputLayer
+from seq2seq.model.quantize import quantize_int8
 from seq2seq.model.seq2seq import Seq2Seq, TranslationState
 
 __all__ = ["CharLM", "LMState", "Seq2Seq", "TranslationState", "build_model", "quantize_int8"]
@@ -41,20 +40,4 @@ def build_model(config: ModelConfig, vocab_size: int, task: str) -> nn.Module:
                  "(source and target embeddings stay shared)")
     params = sum(p.numel() for p in model.parameters())
     log.info("%s model: %.2fM parameters", task, params / 1e6)
-    return model
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantisation for CPU inference: every linear layer and the output classifier
-    (whose weight may be tied to the embeddings, so it is not an ``nn.Linear``).
-
-    The recurrent layers stay fp32 on the fused oneDNN kernel: torch's dynamically quantised LSTM
-    runs its gates as separate unfused ops and measured slower than fp32 here.
-    """
-    from torch.ao.quantization import quantize_dynamic
-
-    model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    for module in model.modules():
-        if isinstance(module, OutputLayer):
-            module.quantize_classifier()
     return model

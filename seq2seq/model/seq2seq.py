@@ -11,6 +11,7 @@ encoder's final states are not passed on).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +33,54 @@ from seq2seq.model.recurrent import (
 
 @dataclass(frozen=True)
 class TranslationState:
-    """Everything ``step`` needs, N rows (sentences x beams). Never mutated: ``step`` and
-    ``select`` return new states."""
+    """Everything ``step`` needs for N decoding rows (sentences x beams). Never mutated: ``step``
+    and ``select`` return new states.
 
-    memory: Tensor  # (N, S, H) encoder outputs, zero at padding
-    keys: Tensor  # (N, S, A) attention keys, projected once
-    mask: Tensor  # (N, S) bool, True at real source positions
-    src_lengths: Tensor  # (N,) source lengths (as given to ``start``)
+    The encoder side (memory, keys, mask) is held once per source sentence, G rows, and
+    ``source`` maps each decoding row to its sentence. ``select`` only re-indexes the per-row
+    parts, and shrinks the per-sentence parts when a sentence has no row left; it never copies
+    the memory per beam. When the rows are ``group`` consecutive rows per sentence in order (as
+    beam search keeps them), ``step`` attends with each sentence's rows as one block of queries
+    against its keys; any other layout gathers the memory per row.
+    """
+
+    memory: Tensor  # (G, S, H) encoder outputs, zero at padding
+    keys: Tensor  # (G, S, A) attention keys, projected once
+    mask: Tensor  # (G, S) bool, True at real source positions
+    source: Tensor  # (N,) long: the sentence (row of memory) each decoding row belongs to
+    group: int  # rows per sentence when source == arange(G).repeat_interleave(group), else 0
     bottom: State  # decoder layer 1: (h, c) or (h,), each (N, 1, H)
     upper: State  # decoder layers 2..L: each (N, L-1, H); () when L = 1
     coverage: Tensor  # (N, S) attention mass summed over the steps so far (0 at padding)
     attention: Tensor  # (N, S) the last step's attention weights (zeros before the first step)
 
+    @property
+    def row_mask(self) -> Tensor:
+        """(N, S) bool: the source mask of every decoding row."""
+        return self.mask.index_select(0, self.source)
+
     def select(self, index: Tensor) -> TranslationState:
         """Rows by ``index`` (M,) long: expand to beams, reorder, drop finished."""
-        return select_rows(self, index)
+        sentences, source = torch.unique(self.source.index_select(0, index), return_inverse=True)
+        memory, keys, mask = self.memory, self.keys, self.mask
+        if sentences.numel() < memory.size(0):  # some sentence lost all its rows
+            memory, keys, mask = (x.index_select(0, sentences) for x in (memory, keys, mask))
+        return TranslationState(
+            memory=memory, keys=keys, mask=mask, source=source,
+            group=_group_size(source, sentences.numel()),
+            bottom=select_rows(self.bottom, index), upper=select_rows(self.upper, index),
+            coverage=self.coverage.index_select(0, index),
+            attention=self.attention.index_select(0, index),
+        )
+
+
+def _group_size(source: Tensor, sentences: int) -> int:
+    """k when ``source`` is ``arange(sentences).repeat_interleave(k)``, else 0."""
+    k = source.numel() // max(sentences, 1)
+    if k == 0 or k * sentences != source.numel():
+        return 0
+    expected = torch.arange(sentences, device=source.device).repeat_interleave(k)
+    return k if torch.equal(source, expected) else 0
 
 
 class Seq2Seq(nn.Module):
@@ -83,12 +117,19 @@ class Seq2Seq(nn.Module):
         return x.masked_fill(~mask.unsqueeze(-1), 0.0), mask
 
     def decode(self, tgt_in: Tensor, memory: Tensor, keys: Tensor, mask: Tensor,
-               bottom: State | None = None,
-               upper: State | None = None) -> tuple[Tensor, Tensor, State, State]:
-        """tgt_in (B,T) long over memory (B,S,H), keys (B,S,A), mask (B,S), from states (None =
-        zeros) -> logits (B,T,V), attention weights (B,T,S), new bottom and upper states."""
+               bottom: State | None = None, upper: State | None = None,
+               group: int = 1) -> tuple[Tensor, Tensor, State, State]:
+        """tgt_in (B,T) long over memory (B/group,S,H), keys (B/group,S,A), mask (B/group,S),
+        from states (None = zeros) -> logits (B,T,V), attention weights (B,T,S), new bottom and
+        upper states. ``group`` consecutive rows share one source sentence (beams, T = 1)."""
         x, bottom = self.decoder_bottom(self.tgt_embed(tgt_in), bottom)  # (B, T, H)
-        context, weights = self.attention(x, keys, memory, mask)  # (B,T,H), (B,T,S)
+        if group > 1:  # each sentence's beams are its queries: (G, group, H)
+            rows, _, hidden = x.shape
+            context, weights = self.attention(x.view(rows // group, group, hidden), keys, memory,
+                                              mask)
+            context, weights = context.reshape(rows, 1, -1), weights.reshape(rows, 1, -1)
+        else:
+            context, weights = self.attention(x, keys, memory, mask)  # (B,T,H), (B,T,S)
         x, upper = self.decoder_upper(x, upper, extra=context)
         logits = self.output(torch.cat([x, context], dim=-1))
         return logits, weights, bottom, upper
@@ -106,7 +147,7 @@ class Seq2Seq(nn.Module):
         coverage = memory.new_zeros(mask.shape, dtype=torch.float32)
         return TranslationState(
             memory=memory, keys=self.attention.keys(memory), mask=mask,
-            src_lengths=src_lengths.to(src.device),
+            source=torch.arange(n, device=src.device), group=1,
             bottom=self.decoder_bottom.zero_state(n, memory),
             upper=self.decoder_upper.zero_state(n, memory),
             coverage=coverage, attention=coverage,
@@ -114,14 +155,14 @@ class Seq2Seq(nn.Module):
 
     def step(self, prev: Tensor, state: TranslationState) -> tuple[Tensor, TranslationState]:
         """prev (N,) long -> log_probs (N,V) float32 and the next state."""
+        memory, keys, mask = state.memory, state.keys, state.mask
+        if not state.group:  # rows in no regular layout: gather the encoder side per row
+            memory, keys, mask = (x.index_select(0, state.source) for x in (memory, keys, mask))
         logits, weights, bottom, upper = self.decode(
-            prev.unsqueeze(1), state.memory, state.keys, state.mask, state.bottom, state.upper)
+            prev.unsqueeze(1), memory, keys, mask, state.bottom, state.upper, state.group or 1)
         attention = weights[:, 0].float()  # (N, S)
-        new = TranslationState(
-            memory=state.memory, keys=state.keys, mask=state.mask,
-            src_lengths=state.src_lengths, bottom=bottom, upper=upper,
-            coverage=state.coverage + attention, attention=attention,
-        )
+        new = dataclasses.replace(state, bottom=bottom, upper=upper,
+                                  coverage=state.coverage + attention, attention=attention)
         return F.log_softmax(logits[:, 0].float(), dim=-1), new
 
     def flops_per_token(self, src_len: float = 14.0, tgt_len: float | None = None,

@@ -1,0 +1,91 @@
+"""Dynamic int8 quantisation for CPU inference: linear layers, the output classifier, and the
+decoder's LSTM layers.
+
+torch's own dynamically quantised ``nn.LSTM`` runs each gate matmul as its own op and measured
+slower than the fused fp32 oneDNN kernel, so the decoder's LSTM layers (which decoding runs one
+step at a time) become :class:`StepLSTM`: one int8 matmul of ``[x; h]`` against the stacked gate
+weights per step, then the pointwise cell update. The encoder, which runs whole sentences at once,
+keeps the fused fp32 kernel. GRU layers stay fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from seq2seq.model.recurrent import OutputLayer, RecurrentStack
+
+
+class StepLSTM(nn.Module):
+    """A batch-first single-layer LSTM, ``forward(x (B,T,I), (h, c) each (1,B,H) | None)``, that
+    computes the four gates of a step as one matmul ``gates([x; h])`` (any linear module).
+
+    The gate rows are stored in the order input, forget, output, cell, so one sigmoid covers the
+    first three and one tanh the last: ``c' = f * c + i * g``, ``h' = o * tanh(c')``.
+    """
+
+    def __init__(self, gates: nn.Module, hidden_size: int):
+        super().__init__()
+        self.gates, self.hidden_size = gates, hidden_size
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM) -> StepLSTM:
+        """The same function as a trained single-layer, unidirectional, batch-first ``lstm``."""
+        if lstm.num_layers != 1 or lstm.bidirectional or not lstm.batch_first or lstm.proj_size:
+            raise ValueError("StepLSTM replaces single-layer, unidirectional, batch-first LSTMs")
+        h = lstm.hidden_size
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h),
+                           torch.arange(2 * h, 3 * h)])  # torch's i, f, g, o -> i, f, o, g
+        linear = nn.Linear(lstm.input_size + h, 4 * h)
+        with torch.no_grad():
+            weight = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], dim=1)
+            linear.weight.copy_(weight[order])
+            linear.bias.copy_((lstm.bias_ih_l0 + lstm.bias_hh_l0)[order])
+        return cls(linear.to(lstm.weight_ih_l0.device), h)
+
+    def forward(self, x: Tensor,
+                hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        batch, steps, _ = x.shape
+        if hx is None:
+            h = c = x.new_zeros(batch, self.hidden_size)
+        else:
+            h, c = hx[0][0], hx[1][0]
+        outputs = []
+        for t in range(steps):
+            gates = self.gates(torch.cat([x[:, t], h], dim=-1))
+            sig = torch.sigmoid(gates[:, : 3 * self.hidden_size])
+            i, f, o = sig.chunk(3, dim=-1)
+            c = torch.addcmul(f * c, i, torch.tanh(gates[:, 3 * self.hidden_size :]))
+            h = o * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+
+
+def _step_stacks(model: nn.Module) -> list[RecurrentStack]:
+    """The stacks that decoding runs one token at a time: the translation decoder, the LM."""
+    names = ("decoder_bottom", "decoder_upper", "rnn")
+    return [stack for name in names
+            if isinstance(stack := getattr(model, name, None), RecurrentStack)]
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for CPU inference with dynamic int8 matmuls: every linear layer, the
+    output classifier (whose weight may be the tied embedding, so it is not an ``nn.Linear``) and
+    the decoder's LSTM layers (as :class:`StepLSTM`)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    model = copy.deepcopy(model)
+    for stack in _step_stacks(model):
+        for i, layer in enumerate(stack.layers):
+            if isinstance(layer, nn.LSTM):
+                stack.layers[i] = StepLSTM.from_lstm(layer)
+    with warnings.catch_warnings():  # torch 2.x flags its own qint8 tensor factories as deprecated
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
+        model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        for module in model.modules():
+            if isinstance(module, OutputLayer):
+                module.quantize_classifier()
+    return model
