@@ -125,7 +125,6 @@ def translate(
     from seq2seq import inference
 
     def action() -> None:
-        inference.limit_allocator_growth()
         loaded = inference.load_model(checkpoint, device, quantize)
         inference.require_task(loaded, "translation", checkpoint)
         config = _decode_options(loaded, beam_size=beam_size, length_penalty=length_penalty,

@@ -8,8 +8,6 @@ Generation primes the character LM with a prompt and samples (or beam-searches) 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -64,26 +62,6 @@ def atomic_output(path: str | Path) -> Iterator[TextIO]:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-
-
-def limit_allocator_growth() -> bool:
-    """Keep resident memory flat over an endless stream (glibc only; True when applied).
-
-    Each batch has a different shape, so the tensors freed by one batch rarely fit the next one's
-    exactly; with one malloc arena per thread (OpenMP workers included) and the default trim
-    threshold, glibc keeps those holes and the process grows with the number of lines read (558 MiB
-    after 100,000 lines against 367 MiB after 1,000). One arena that returns freed memory to the
-    system at once keeps it flat. Call it before the first tensor is made.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_arena_max = -1, -8  # <malloc.h>
-    return bool(mallopt(m_arena_max, 1)) and bool(mallopt(m_trim_threshold, 0))
 
 
 def resolve_device(device: str) -> torch.device:
