@@ -73,13 +73,13 @@ def main() -> None:
     if args.minutes is not None:
         overrides.append(f"train.max_minutes={args.minutes}")
     recipe = load_recipe(args.recipe, overrides)
-    started = time.perf_counter()
-    if not args.skip_train:
-        train(recipe, args.out)
     summary: dict[str, Any] = {"benchmark": "quality", "recipe": str(args.recipe),
-                               "overrides": overrides, "run": str(args.out),
-                               "wall_minutes": (time.perf_counter() - started) / 60,
-                               **training_figures(args.out)}
+                               "overrides": overrides, "run": str(args.out)}
+    if not args.skip_train:
+        started = time.perf_counter()
+        train(recipe, args.out)
+        summary["wall_minutes"] = (time.perf_counter() - started) / 60
+    summary.update(training_figures(args.out))
     if recipe.data.task == "lm":
         summary["valid_loss"] = min(v["loss"] for v in summary["validations"])
         print(f"{args.recipe.name}: validation loss {summary['valid_loss']:.4f} nats/char after "

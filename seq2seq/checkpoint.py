@@ -9,15 +9,16 @@ never runs pickled code. Payload keys: ``format="seq2seq"``, ``version``, ``reci
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import random
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -46,30 +47,38 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a crash leaves the old file or the new one.
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb",
+                 encoding: str | None = None) -> Iterator[IO[Any]]:
+    """A file that appears at ``path`` only when the block completes: a crash leaves the old file
+    or the new one, never a part.
 
     The data goes to a uniquely named temporary file in the same directory (same filesystem, so
     ``os.replace`` is atomic), is flushed and fsynced, renamed over ``path``, and the directory
-    is fsynced. On any error the temporary file is removed and ``path`` is untouched.
+    is fsynced. On any error (or Ctrl-C) the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; checkpoints are shared like other files
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; outputs are shared like other files
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_directory(path.parent)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (:func:`atomic_write`), creating its directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
     log.debug("saved checkpoint %s", path)
 
 

@@ -8,8 +8,6 @@ Generation primes the character LM with a prompt and samples (or beam-searches) 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from seq2seq.checkpoint import CheckpointError, load_checkpoint
+from seq2seq.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.data import inference_batches
 from seq2seq.model import build_model, quantize_int8
@@ -44,24 +42,16 @@ class LoadedModel:
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[TextIO]:
-    """A text file that appears at ``path`` only when the block completes: output goes to a
-    temporary file beside it, renamed over ``path`` at the end. On an error (bad input line 5,000,
-    Ctrl-C) the temporary file is removed and whatever ``path`` held before is untouched."""
-    path = Path(path)
+    """A UTF-8 text file that appears at ``path`` only when the block completes
+    (:func:`~seq2seq.checkpoint.atomic_write`): a bad input line 5,000 or Ctrl-C leaves whatever
+    ``path`` held before untouched. An unwritable place is an :class:`InferenceError`."""
+    stack = contextlib.ExitStack()
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        sink = stack.enter_context(atomic_write(path, "w", encoding="utf-8"))
     except OSError as error:
         raise InferenceError(f"{path}: cannot write there ({error.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as sink:
-            yield sink
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with stack:
+        yield sink
 
 
 def resolve_device(device: str) -> torch.device:
