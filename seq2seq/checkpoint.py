@@ -90,8 +90,12 @@ def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     )
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    ``mmap`` maps the tensors from the file instead of reading them: inference, which needs only
+    the model weights, then never reads the optimizer state (twice the model's size with Adam).
 
     Raises :class:`CheckpointError` (one line naming the file) when it is missing, truncated or
     corrupt, or is not a seq2seq checkpoint.
@@ -100,7 +104,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path or run directory")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied; make the file readable") from None
     except pickle.UnpicklingError as error:

@@ -69,7 +69,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LoadedModel:
     """Rebuild the model and tokenizer from a checkpoint alone."""
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, mmap=True)
     try:
         recipe = recipe_from_dict(payload["recipe"])
         tokenizer = tokenizer_from_bytes(payload["tokenizer"]["kind"], payload["tokenizer"]["data"])
@@ -82,7 +82,7 @@ def load_model(path: str | Path, device: str = "cpu", quantize: str | None = Non
     if quantize == "int8":
         if target.type != "cpu":
             raise InferenceError("--quantize int8 runs on the CPU only; use --device cpu")
-        model = quantize_int8(model)
+        model = quantize_int8(model, inplace=True)
     elif quantize not in (None, "", "none"):
         raise InferenceError(f"unknown quantisation {quantize!r}; use int8")
     return LoadedModel(recipe, model.to(target), tokenizer, target, int(payload.get("step", 0)))

@@ -63,34 +63,48 @@ class LogitRules:
 # ---------------------------------------------------------------- pure logit functions
 
 
-def block_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
-    """Forbid, per row, each token that would repeat an n-gram of ``history`` (N, t).
+def repeated_ngrams(history: Tensor, n: int, vocab_size: int) -> Tensor | None:
+    """(N, V) bool: per row, each token that would repeat an n-gram of ``history`` (N, t); None
+    when no n-gram can repeat yet.
 
     The candidate n-gram is the last n - 1 tokens plus the next one; every earlier window of n
     tokens whose first n - 1 tokens equal them bans its last token.
     """
     t = history.shape[1]
     if n < 1 or t < n:
-        return log_probs
+        return None
     windows = history.unfold(1, n, 1)  # (N, t - n + 1, n)
     prefix = history[:, t - n + 1:]  # (N, n - 1)
     match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, W)
-    hits = torch.zeros(log_probs.shape, device=log_probs.device)
+    hits = torch.zeros((history.shape[0], vocab_size), device=history.device)
     hits.scatter_add_(1, windows[:, :, -1], match.to(hits.dtype))
-    return log_probs.masked_fill(hits > 0, NEG_INF)
+    return hits > 0
 
 
-def apply_rules(log_probs: Tensor, history: Tensor, rules: LogitRules) -> Tensor:
-    """``log_probs`` (N, V) with the tokens forbidden after ``history`` (N, t) set to -inf."""
+def block_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
+    """``log_probs`` (N, V) with every token that would repeat an n-gram of ``history`` (N, t)
+    set to -inf (see :func:`repeated_ngrams`)."""
+    banned = repeated_ngrams(history, n, log_probs.shape[1])
+    return log_probs if banned is None else log_probs.masked_fill(banned, NEG_INF)
+
+
+def apply_rules(log_probs: Tensor, history: Tensor, rules: LogitRules,
+                inplace: bool = False) -> Tensor:
+    """``log_probs`` (N, V) with the tokens forbidden after ``history`` (N, t) set to -inf.
+
+    ``inplace`` writes into ``log_probs`` (for a tensor the caller owns) instead of a copy.
+    """
     banned = [PAD, BOS]
     if rules.ban_unk:
         banned.append(UNK)
     if history.shape[1] < rules.min_length:
         banned.append(EOS)
-    out = log_probs.clone()
+    out = log_probs if inplace else log_probs.clone()
     out[:, banned] = NEG_INF
     if rules.no_repeat_ngram > 0:
-        out = block_repeated_ngrams(out, history, rules.no_repeat_ngram)
+        repeats = repeated_ngrams(history, rules.no_repeat_ngram, out.shape[1])
+        if repeats is not None:
+            out.masked_fill_(repeats, NEG_INF)
     return out
 
 
@@ -291,13 +305,14 @@ def _coverage(state: Any, attention: Tensor | None, beta: float) -> Tensor | Non
     return None if coverage is None else coverage.detach().float()
 
 
-def _candidates(beam_log_prob: Tensor, log_probs: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The 2K best extensions per input: log-probs, parent rows and tokens, each (M, 2K).
+def _candidates(total: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The 2K best extensions per input of ``total`` (M*K, V), each beam's log-prob plus its
+    next-token log-probs: log-probs, parent rows and tokens, each (M, 2K).
 
     At most K of them end in EOS (one per parent), so at least K continue.
     """
-    v = log_probs.shape[1]
-    total = (beam_log_prob[:, None] + log_probs).view(-1, k * v)  # (M, K*V)
+    v = total.shape[1]
+    total = total.view(-1, k * v)  # (M, K*V)
     scores, flat = total.topk(min(2 * k, k * v), dim=1)
     rows = flat // v + torch.arange(total.shape[0], device=total.device)[:, None] * k
     return scores, rows, flat % v
@@ -350,12 +365,13 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
     while True:
         raw, state = step(prev, state)
         t = beams.tokens.shape[1]  # tokens emitted before this step
-        log_probs = apply_rules(raw.detach().float(), beams.tokens, rules)
+        total = raw.detach().float() + beams.log_prob[:, None]  # (R, V), the search's own
+        apply_rules(total, beams.tokens, rules, inplace=True)  # -inf stays -inf after the sum
         attention = _step_attention(state, beams.attention)  # (R, t + 1, S)
         coverage = _coverage(state, attention, coverage_penalty)  # (R, S)
         if beams.real is None and coverage is not None:
             beams.real = (coverage.view(-1, k, coverage.shape[1]) > 0).any(1)
-        scores, parents, tokens = _candidates(beams.log_prob, log_probs, k)
+        scores, parents, tokens = _candidates(total, k)
 
         # EOS among the K best candidates: finish (tokens so far, t + 1 scored steps)
         m, j = (tokens[:, :k] == EOS).nonzero(as_tuple=True)

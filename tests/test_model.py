@@ -355,3 +355,17 @@ def test_int8_model_quantises_decoder_lstms_and_stays_close():
         exact, _ = model.step(torch.tensor([4, 5, 6]), model.start(src, lengths))
         approx, _ = int8.step(torch.tensor([4, 5, 6]), int8.start(src, lengths))
     assert (approx.exp() - exact.exp()).abs().max() < 0.02
+
+
+def test_int8_in_place_quantises_the_model_itself_with_the_same_result():
+    from seq2seq.model import quantize_int8
+
+    model = translation().eval()
+    copied = quantize_int8(model)
+    same = quantize_int8(model, inplace=True)
+    assert same is model
+    src, lengths = source_batch()
+    with torch.no_grad():
+        a, _ = copied.step(torch.tensor([4, 5, 6]), copied.start(src, lengths))
+        b, _ = same.step(torch.tensor([4, 5, 6]), same.start(src, lengths))
+    assert torch.equal(a, b)

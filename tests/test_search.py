@@ -22,6 +22,7 @@ from seq2seq.config import DecodeConfig
 from seq2seq.search import (
     Hypothesis,
     LogitRules,
+    apply_rules,
     beam_search,
     block_repeated_ngrams,
     decode,
@@ -261,6 +262,17 @@ def test_no_repeat_ngram_pure_function():
     assert torch.isinf(out[0, C]) and torch.isfinite(out[0]).sum() == V - 1
     out = block_repeated_ngrams(torch.zeros(1, V), torch.tensor([[A, B, A]]), 1)
     assert torch.isinf(out[0, [A, B]]).all() and torch.isfinite(out[0]).sum() == V - 2
+
+
+def test_apply_rules_in_place_equals_the_copy():
+    history = torch.tensor([[A, B, A], [A, B, C]])
+    rules = LogitRules(min_length=5, ban_unk=True, no_repeat_ngram=2)
+    log_probs = torch.randn(2, V).log_softmax(-1)
+    copied = apply_rules(log_probs, history, rules)
+    assert torch.isfinite(log_probs).all()  # the input is untouched without inplace
+    same = apply_rules(log_probs, history, rules, inplace=True)
+    assert same is log_probs and torch.equal(same, copied)
+    assert torch.isinf(copied[:, [PAD, BOS, UNK, EOS]]).all() and torch.isinf(copied[0, B])
 
 
 def repeats_bigram(tokens: list[int]) -> bool:

@@ -10,6 +10,7 @@ The additive score needs ``tanh`` over a (B, T, S, A) tensor: about 60M floats (
 4,000-token batch, several times over in plain autograd (sum, tanh, its gradient, the outer
 product with ``v``). :class:`_AdditiveScores` instead computes it in blocks of batch rows that stay
 in cache and recomputes ``tanh`` in the backward pass, so nothing of that size is ever stored.
+It evaluates ``tanh`` as ``2 sigmoid(2x) - 1`` because torch's CPU sigmoid is about 5x faster.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def _block_rows(q: Tensor, k: Tensor) -> int:
     return max(1, budget // max(1, q.size(1) * k.size(1) * q.size(2)))
 
 
+def _half_tanh(q2: Tensor, k: Tensor) -> Tensor:
+    """sigmoid(q2 + 2k) as (b, T, S, A) for q2 (b, T, A) = 2q and k (b, S, A): that is
+    (1 + tanh(q + k)) / 2. torch's CPU sigmoid is about 5x faster than its tanh (1.3 ns per
+    element on two Zen 4 cores), and the identity is exact."""
+    return torch.add(q2.unsqueeze(2), k.unsqueeze(1), alpha=2).sigmoid_()
+
+
 class _AdditiveScores(torch.autograd.Function):
     """scores[b,t,s] = v . tanh(q[b,t] + k[b,s]) for q (B,T,A), k (B,S,A), v (A,) -> (B,T,S),
     blockwise over batch rows, recomputing tanh in backward (memory O(block), not O(B*T*S*A))."""
@@ -37,11 +45,11 @@ class _AdditiveScores(torch.autograd.Function):
             k, v = k.to(q.dtype), v.to(q.dtype)
             ctx.save_for_backward(q, k, v)
             scores = q.new_empty(q.size(0), q.size(1), k.size(1))
-            rows = _block_rows(q, k)
+            rows, q2, v2 = _block_rows(q, k), 2 * q, 2 * v
             for start in range(0, q.size(0), rows):
                 block = slice(start, start + rows)
-                energy = (q[block].unsqueeze(2) + k[block].unsqueeze(1)).tanh_()  # (b,T,S,A)
-                scores[block] = torch.matmul(energy, v)
+                scores[block] = torch.matmul(_half_tanh(q2[block], k[block]), v2)
+            scores -= v.sum()  # v . tanh(x) = 2v . sigmoid(2x) - sum(v)
         return scores
 
     @staticmethod
@@ -49,15 +57,18 @@ class _AdditiveScores(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         grad = grad.to(q.dtype)
         grad_q, grad_k = torch.empty_like(q), torch.empty_like(k)
-        grad_v = torch.zeros_like(v, dtype=torch.float32)
-        rows = _block_rows(q, k)
+        accumulate = torch.promote_types(q.dtype, torch.float32)  # bf16 sums in fp32
+        grad_v = -grad.sum(dtype=accumulate).expand(v.shape).clone()
+        rows, q2, v4 = _block_rows(q, k), 2 * q, 4 * v
         for start in range(0, q.size(0), rows):
             block = slice(start, start + rows)
-            energy = (q[block].unsqueeze(2) + k[block].unsqueeze(1)).tanh_()  # (b, T, S, A)
+            energy = _half_tanh(q2[block], k[block])  # (b, T, S, A), sigmoid(2(q + k))
             g = grad[block]  # (b, T, S)
-            grad_v += (g.reshape(1, -1) @ energy.reshape(-1, v.numel())).squeeze(0).float()
-            # d score / d (q + k) = g * v * (1 - tanh^2), in place on the recomputed block
-            torch.ops.aten.tanh_backward.grad_input(g.unsqueeze(-1) * v, energy, grad_input=energy)
+            flat = energy.reshape(-1, v.numel())
+            grad_v += 2 * (g.reshape(1, -1) @ flat).squeeze(0).to(accumulate)
+            # d score / d (q + k) = g * v * 4 sigmoid' (2(q + k)), in place on the block
+            torch.ops.aten.sigmoid_backward.grad_input(g.unsqueeze(-1) * v4, energy,
+                                                       grad_input=energy)
             torch.sum(energy, dim=2, out=grad_q[block])
             torch.sum(energy, dim=1, out=grad_k[block])
         return grad_q, grad_k, grad_v.to(v.dtype)

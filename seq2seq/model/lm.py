@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
@@ -19,6 +18,7 @@ from seq2seq.model.recurrent import (
     make_embedding,
     rnn_flops,
     select_rows,
+    step_log_probs,
 )
 
 
@@ -67,7 +67,7 @@ class CharLM(nn.Module):
     def step(self, prev: Tensor, state: LMState) -> tuple[Tensor, LMState]:
         """prev (N,) long -> log_probs (N,V) float32 and the next state."""
         logits, state = self.forward(prev.unsqueeze(1), state)
-        return F.log_softmax(logits[:, 0].float(), dim=-1), state
+        return step_log_probs(logits), state
 
     def flops_per_token(self, training: bool = True) -> float:
         """Matmul FLOPs per token (2*in*out per gate matmul, output layer); training = 3x."""

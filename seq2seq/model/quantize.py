@@ -23,8 +23,9 @@ class StepLSTM(nn.Module):
     """A batch-first single-layer LSTM, ``forward(x (B,T,I), (h, c) each (1,B,H) | None)``, that
     computes the four gates of a step as one matmul ``gates([x; h])`` (any linear module).
 
-    The gate rows are stored in the order input, forget, output, cell, so one sigmoid covers the
-    first three and one tanh the last: ``c' = f * c + i * g``, ``h' = o * tanh(c')``.
+    The gate rows are stored in the order input, forget, output, cell: ``c' = f * c + i * g``,
+    ``h' = o * tanh(c')``. Both tanh are evaluated as ``2 sigmoid(2x) - 1``, so one in-place
+    sigmoid covers all four gates; torch's CPU sigmoid is about 5x faster than its tanh.
     """
 
     def __init__(self, gates: nn.Module, hidden_size: int):
@@ -56,10 +57,10 @@ class StepLSTM(nn.Module):
         outputs = []
         for t in range(steps):
             gates = self.gates(torch.cat([x[:, t], h], dim=-1))
-            sig = torch.sigmoid(gates[:, : 3 * self.hidden_size])
-            i, f, o = sig.chunk(3, dim=-1)
-            c = torch.addcmul(f * c, i, torch.tanh(gates[:, 3 * self.hidden_size :]))
-            h = o * torch.tanh(c)
+            gates[:, 3 * self.hidden_size :] *= 2
+            i, f, o, g = gates.sigmoid_().chunk(4, dim=-1)  # g = sigmoid(2 x) = (1 + tanh x) / 2
+            c = torch.addcmul(f * c, i, g * 2 - 1)
+            h = o * (torch.sigmoid(2 * c) * 2 - 1)
             outputs.append(h)
         return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 
@@ -71,13 +72,15 @@ def _step_stacks(model: nn.Module) -> list[RecurrentStack]:
             if isinstance(stack := getattr(model, name, None), RecurrentStack)]
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` for CPU inference with dynamic int8 matmuls: every linear layer, the
-    output classifier (whose weight may be the tied embedding, so it is not an ``nn.Linear``) and
-    the decoder's LSTM layers (as :class:`StepLSTM`)."""
+def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` for CPU inference with dynamic int8 matmuls: every linear layer, the output
+    classifier (whose weight may be the tied embedding, so it is not an ``nn.Linear``) and the
+    decoder's LSTM layers (as :class:`StepLSTM`). A copy, unless ``inplace`` (which saves holding
+    the model twice while loading)."""
     from torch.ao.quantization import quantize_dynamic
 
-    model = copy.deepcopy(model)
+    if not inplace:
+        model = copy.deepcopy(model)
     for stack in _step_stacks(model):
         for i, layer in enumerate(stack.layers):
             if isinstance(layer, nn.LSTM):

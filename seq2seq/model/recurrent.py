@@ -191,6 +191,13 @@ class OutputLayer(nn.Module):
         return flops
 
 
+def step_log_probs(logits: Tensor) -> Tensor:
+    """One step's logits (N, 1, V) -> log-probabilities (N, V) float32, written over the logits
+    when they are float32 already: decoding then allocates one (N, V) tensor per step, not two."""
+    logits = logits[:, 0].float()
+    return torch.log_softmax(logits, dim=-1, out=logits)
+
+
 def make_embedding(vocab_size: int, embed_dim: int, init_scale: float) -> nn.Embedding:
     """Embeddings over the padded vocabulary, ~ U(-init_scale, init_scale)."""
     embedding = nn.Embedding(padded_vocab(vocab_size), embed_dim)

@@ -15,7 +15,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
@@ -28,6 +27,7 @@ from seq2seq.model.recurrent import (
     make_embedding,
     rnn_flops,
     select_rows,
+    step_log_probs,
 )
 
 
@@ -163,7 +163,7 @@ class Seq2Seq(nn.Module):
         attention = weights[:, 0].float()  # (N, S)
         new = dataclasses.replace(state, bottom=bottom, upper=upper,
                                   coverage=state.coverage + attention, attention=attention)
-        return F.log_softmax(logits[:, 0].float(), dim=-1), new
+        return step_log_probs(logits), new
 
     def flops_per_token(self, src_len: float = 14.0, tgt_len: float | None = None,
                         training: bool = True) -> float:
