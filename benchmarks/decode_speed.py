@@ -75,8 +75,9 @@ def random_model(args: argparse.Namespace) -> LoadedModel:
           f"{time.perf_counter() - start:.1f}s")
     torch.manual_seed(args.seed)
     config = ModelConfig(embed_dim=256, hidden_size=512, encoder_layers=2, decoder_layers=2)
-    model = build_model(config, args.vocab, "translation").eval()
-    return LoadedModel(Recipe(), model, tokenizer, torch.device("cpu"), 0)
+    device = torch.device(args.device)
+    model = build_model(config, args.vocab, "translation").eval().to(device)
+    return LoadedModel(Recipe(), model, tokenizer, device, 0)
 
 
 @torch.inference_mode()
@@ -85,11 +86,14 @@ def decode_capped(loaded: LoadedModel, src_ids: list[list[int]], caps: torch.Ten
     """``inference.translate_ids`` with a given max length per sentence; best tokens, in order."""
     out: list[list[int]] = [[] for _ in src_ids]
     for indices in inference_batches(src_ids, config.max_tokens_per_batch):
+        device = loaded.device
         src = pad_sequence([torch.tensor(src_ids[i]) for i in indices], batch_first=True,
-                           padding_value=PAD)
-        state = loaded.model.start(src, torch.tensor([len(src_ids[i]) for i in indices]))
-        first = torch.full((len(indices),), BOS, dtype=torch.long)
-        hyps = search_decode(loaded.model.step, state, first, caps[indices], config, strategy)
+                           padding_value=PAD).to(device)
+        lengths = torch.tensor([len(src_ids[i]) for i in indices], device=device)
+        state = loaded.model.start(src, lengths)
+        first = torch.full((len(indices),), BOS, dtype=torch.long, device=device)
+        hyps = search_decode(loaded.model.step, state, first, caps[indices].to(device), config,
+                             strategy, keep_attention=False)
         for i, per_input in zip(indices, hyps, strict=True):
             out[i] = per_input[0].tokens
     return out
@@ -145,6 +149,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reference", type=Path, help="default DATA/test_2016_flickr.en.gz")
     parser.add_argument("--beams", default="5,1", help="comma-separated beam sizes (1 = greedy)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (int8 is CPU only)")
     parser.add_argument("--sentences", type=int, default=1000, help="first N source lines")
     parser.add_argument("--max-tokens-per-batch", type=int,
                         help="source-token budget per batch (default: the recipe's)")
@@ -163,7 +168,7 @@ def main() -> None:
     reference = args.reference or args.data / "test_2016_flickr.en.gz"
     lines = read_lines(source)[: args.sentences]
     refs = read_lines(reference)[: args.sentences] if reference.exists() else None
-    loaded = load_model(args.checkpoint) if args.checkpoint else random_model(args)
+    loaded = load_model(args.checkpoint, args.device) if args.checkpoint else random_model(args)
     base = loaded.recipe.decode
     if args.max_tokens_per_batch:
         base = replace(base, max_tokens_per_batch=args.max_tokens_per_batch)
@@ -185,7 +190,7 @@ def main() -> None:
             results.append(result)
     summary = {"weights": str(args.checkpoint) if args.checkpoint else "random",
                "parameters_M": round(sum(p.numel() for p in loaded.model.parameters()) / 1e6, 2),
-               "source": str(source), "threads": args.threads,
+               "source": str(source), "threads": args.threads, "device": args.device,
                "max_tokens_per_batch": base.max_tokens_per_batch,
                "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "tokens_counted": "source pieces without EOS + best hypothesis pieces without EOS",

@@ -8,6 +8,9 @@ Generation primes the character LM with a prompt and samples (or beam-searches) 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -111,10 +114,33 @@ def translation_max_lengths(src_lengths: torch.Tensor, config: DecodeConfig) -> 
     return (torch.ceil(config.max_length_ratio * tokens) + config.max_length_offset).long()
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc only; elsewhere a no-op).
+
+    Each decoding step frees (rows x vocabulary) tensors of a slightly different size, and glibc
+    keeps the holes they leave: without this, resident memory grew batch after batch.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @torch.inference_mode()
 def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConfig,
-                  device: torch.device, strategy: str = "beam") -> list[list[Hypothesis]]:
-    """Decode source id lists (each ending in EOS); results come back in input order."""
+                  device: torch.device, strategy: str = "beam",
+                  keep_attention: bool = False) -> list[list[Hypothesis]]:
+    """Decode source id lists (each ending in EOS); results come back in input order.
+    ``keep_attention`` fills ``Hypothesis.attention`` (for plots; it costs time and memory)."""
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     for indices in inference_batches(src_ids, config.max_tokens_per_batch):
         src = pad_sequence([torch.tensor(src_ids[i]) for i in indices], batch_first=True,
@@ -123,9 +149,11 @@ def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConf
         state = model.start(src, src_lengths)
         first = torch.full((len(indices),), BOS, dtype=torch.long, device=device)
         hyps = decode(model.step, state, first, translation_max_lengths(src_lengths, config),
-                      config, strategy)
+                      config, strategy, keep_attention=keep_attention)
         for i, hyp in zip(indices, hyps, strict=True):
             results[i] = hyp
+        if device.type == "cpu":
+            release_free_memory()
     return results
 
 
@@ -135,12 +163,13 @@ def encode_source(tokenizer: Tokenizer, line: str, max_length: int) -> list[int]
 
 
 def translate_lines(loaded: LoadedModel, lines: list[str], config: DecodeConfig,
-                    strategy: str = "beam") -> list[list[Hypothesis]]:
+                    strategy: str = "beam", keep_attention: bool = False) -> list[list[Hypothesis]]:
     """Translate a list of sentences; an empty line gives an empty hypothesis list."""
     keep = [i for i, line in enumerate(lines) if line.strip()]
     max_length = loaded.recipe.data.max_length
     src_ids = [encode_source(loaded.tokenizer, lines[i], max_length) for i in keep]
-    decoded = translate_ids(loaded.model, src_ids, config, loaded.device, strategy)
+    decoded = translate_ids(loaded.model, src_ids, config, loaded.device, strategy,
+                            keep_attention)
     results: list[list[Hypothesis]] = [[] for _ in lines]
     for i, hyps in zip(keep, decoded, strict=True):
         results[i] = hyps
@@ -158,16 +187,19 @@ def read_utf8_lines(stream: BinaryIO, name: str) -> Iterator[str]:
 
 
 def translate_stream(loaded: LoadedModel, lines: Iterable[str], config: DecodeConfig,
-                     chunk_lines: int = 1000) -> Iterator[tuple[str, list[Hypothesis]]]:
+                     chunk_lines: int = 1000,
+                     keep_attention: bool = False) -> Iterator[tuple[str, list[Hypothesis]]]:
     """Translate an endless stream in bounded memory: (input, hypotheses) per line, in order."""
     chunk: list[str] = []
     for line in lines:
         chunk.append(line)
         if len(chunk) == chunk_lines:
-            yield from zip(chunk, translate_lines(loaded, chunk, config), strict=True)
+            yield from zip(chunk, translate_lines(loaded, chunk, config, "beam", keep_attention),
+                           strict=True)
             chunk = []
     if chunk:
-        yield from zip(chunk, translate_lines(loaded, chunk, config), strict=True)
+        yield from zip(chunk, translate_lines(loaded, chunk, config, "beam", keep_attention),
+                       strict=True)
 
 
 def generation_config(config: DecodeConfig, **overrides: object) -> DecodeConfig:
@@ -220,7 +252,8 @@ def write_translations(loaded: LoadedModel, lines: Iterable[str], config: Decode
 
         attention_dir.mkdir(parents=True, exist_ok=True)
     count = 0
-    for index, (line, hyps) in enumerate(translate_stream(loaded, lines, config)):
+    stream = translate_stream(loaded, lines, config, keep_attention=attention_dir is not None)
+    for index, (line, hyps) in enumerate(stream):
         if n_best:
             for rank, hyp in enumerate(hyps[: config.n_best] or [Hypothesis([], 0.0, 0.0)], 1):
                 text = loaded.tokenizer.decode(hyp.tokens)

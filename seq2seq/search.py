@@ -3,8 +3,10 @@
 Search sees only ``step(prev (N,) long, state) -> (log_probs (N, V), state)`` and
 ``state.select(index (M,) long) -> state``; it reads ``state.coverage`` (N, S) and
 ``state.attention`` (N, S) through ``getattr`` when a state offers them and knows nothing else of
-its layout. State rows are decoding rows: one per input for greedy and sampling, ``inputs * beam``
-(input-major) for beam search. Inputs that finish are dropped through ``state.select``.
+its layout. The log-probs a step returns belong to the search, which may write into them: beam
+search adds each row's score in place, so a step never holds two (N, V) tensors. State rows are
+decoding rows: one per input for greedy and sampling, ``inputs * beam`` (input-major) for beam
+search. Inputs that finish are dropped through ``state.select``.
 
 Conventions shared by every strategy:
 
@@ -13,7 +15,8 @@ Conventions shared by every strategy:
 - ``Hypothesis.tokens`` exclude BOS and EOS. ``log_prob`` sums the model's log-probabilities of
   the scored steps: the tokens, plus EOS when the hypothesis ended with it. ``attention`` stacks
   the state's attention of each scored step: (len(tokens) + 1, S) when it ended with EOS,
-  (len(tokens), S) when cut at the maximum length, None when the state exposes no attention.
+  (len(tokens), S) when cut at the maximum length, None when the state exposes no attention or
+  the caller passed ``keep_attention=False`` (which saves copying the history at every step).
 - Greedy and sampling report ``score = log_prob``; beam search reports the GNMT score.
 - PAD and BOS are never emitted; see :class:`LogitRules` for the optional rules.
 """
@@ -168,8 +171,8 @@ def _empty_hypotheses(max_lengths: Tensor, results: list[list[Hypothesis]]) -> T
 
 
 def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
-                choose: Callable[[Tensor], Tensor],
-                on_tokens: TokenCallback | None) -> list[list[Hypothesis]]:
+                choose: Callable[[Tensor], Tensor], on_tokens: TokenCallback | None,
+                keep_attention: bool) -> list[list[Hypothesis]]:
     """One token per row per step, chosen by ``choose(log_probs (M, V)) -> (M,)``."""
     n, device = first.shape[0], first.device
     results: list[list[Hypothesis]] = [[] for _ in range(n)]
@@ -186,7 +189,7 @@ def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
         prev = choose(apply_rules(raw, tokens, rules))
         log_prob = log_prob + raw.gather(1, prev[:, None]).squeeze(1)
         tokens = torch.cat([tokens, prev[:, None]], 1)
-        attention = _step_attention(state, attention)
+        attention = _step_attention(state, attention) if keep_attention else None
         if on_tokens is not None:
             on_tokens(first.new_full((n,), PAD).index_copy(0, inputs, prev))
         ended = prev == EOS
@@ -209,21 +212,22 @@ def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
 
 @torch.no_grad()
 def greedy(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
-           on_tokens: TokenCallback | None = None) -> list[list[Hypothesis]]:
+           on_tokens: TokenCallback | None = None,
+           keep_attention: bool = True) -> list[list[Hypothesis]]:
     """The most likely token at every step; one hypothesis per input.
 
     ``first`` (N,) long is each row's first input token, ``max_lengths`` (N,) long the token caps.
     ``on_tokens(tokens (N,))`` gets each step's tokens in input order, PAD for finished inputs.
     """
     return _token_loop(step, state, first, max_lengths, rules,
-                       lambda lp: lp.argmax(-1), on_tokens)
+                       lambda lp: lp.argmax(-1), on_tokens, keep_attention)
 
 
 @torch.no_grad()
 def sample(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None,
-           on_tokens: TokenCallback | None = None) -> list[list[Hypothesis]]:
+           generator: torch.Generator | None = None, on_tokens: TokenCallback | None = None,
+           keep_attention: bool = True) -> list[list[Hypothesis]]:
     """Ancestral sampling from ``softmax(log_probs / temperature)`` cut to top-k and top-p.
 
     Temperature 0 is greedy. ``generator`` (on the tensors' device) makes draws reproducible;
@@ -232,14 +236,14 @@ def sample(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: 
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
-        return greedy(step, state, first, max_lengths, rules, on_tokens)
+        return greedy(step, state, first, max_lengths, rules, on_tokens, keep_attention)
 
     def choose(log_probs: Tensor) -> Tensor:
         logits = top_p_filter(top_k_filter(log_probs / temperature, top_k), top_p)
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _token_loop(step, state, first, max_lengths, rules, choose, on_tokens)
+    return _token_loop(step, state, first, max_lengths, rules, choose, on_tokens, keep_attention)
 
 
 # ---------------------------------------------------------------- beam search
@@ -269,6 +273,7 @@ class _Finished:
     alpha: float
     beta: float
     n_best: int
+    keep_attention: bool
     kept: list[list[Hypothesis]]
     worst: Tensor  # (N,) score of the n-th kept hypothesis, -inf while fewer are kept
 
@@ -287,7 +292,7 @@ class _Finished:
             kept = self.kept[i]
             if len(kept) == self.n_best and s <= kept[-1].score:
                 continue
-            attn = None if attention is None else attention[c].clone()
+            attn = attention[c].clone() if attention is not None and self.keep_attention else None
             kept.append(Hypothesis(tokens[c].tolist(), lp, s, attn))
             kept.sort(key=lambda h: -h.score)
             del kept[self.n_best:]
@@ -312,7 +317,7 @@ def _candidates(total: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     At most K of them end in EOS (one per parent), so at least K continue.
     """
     v = total.shape[1]
-    total = total.view(-1, k * v)  # (M, K*V)
+    total = total.reshape(-1, k * v)  # (M, K*V), a view when rows are contiguous
     scores, flat = total.topk(min(2 * k, k * v), dim=1)
     rows = flat // v + torch.arange(total.shape[0], device=total.device)[:, None] * k
     return scores, rows, flat % v
@@ -333,7 +338,8 @@ def _bound(beams: _Beams, k: int, steps: int, alpha: float) -> Tensor:
 @torch.no_grad()
 def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
                 beam_size: int, n_best: int = 1, length_penalty: float = 0.6,
-                coverage_penalty: float = 0.0) -> list[list[Hypothesis]]:
+                coverage_penalty: float = 0.0,
+                keep_attention: bool = True) -> list[list[Hypothesis]]:
     """GNMT beam search; per input the ``n_best`` hypotheses, best score first.
 
     ``first`` (N,) long, ``max_lengths`` (N,) long. Score = log_prob / lp(|Y|) + cp with
@@ -350,7 +356,8 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
     if coverage_penalty < 0:
         raise ValueError(f"coverage_penalty must be >= 0, got {coverage_penalty}")
     n, k, device = first.shape[0], beam_size, first.device
-    finished = _Finished(length_penalty, coverage_penalty, n_best, [[] for _ in range(n)],
+    finished = _Finished(length_penalty, coverage_penalty, n_best, keep_attention,
+                         [[] for _ in range(n)],
                          torch.full((n,), NEG_INF, device=device))
     live = _empty_hypotheses(max_lengths.to(device), finished.kept)
     if live.numel() == 0:
@@ -365,13 +372,18 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
     while True:
         raw, state = step(prev, state)
         t = beams.tokens.shape[1]  # tokens emitted before this step
-        total = raw.detach().float() + beams.log_prob[:, None]  # (R, V), the search's own
-        apply_rules(total, beams.tokens, rules, inplace=True)  # -inf stays -inf after the sum
-        attention = _step_attention(state, beams.attention)  # (R, t + 1, S)
+        # (R, V): the step's fresh tensor, summed in place; -inf stays -inf after the sum
+        total = raw.detach().float().add_(beams.log_prob[:, None])
+        apply_rules(total, beams.tokens, rules, inplace=True)
+        del raw
+        history = keep_attention or (coverage_penalty != 0
+                                     and getattr(state, "coverage", None) is None)
+        attention = _step_attention(state, beams.attention) if history else None  # (R, t+1, S)
         coverage = _coverage(state, attention, coverage_penalty)  # (R, S)
         if beams.real is None and coverage is not None:
             beams.real = (coverage.view(-1, k, coverage.shape[1]) > 0).any(1)
         scores, parents, tokens = _candidates(total, k)
+        del total  # before the next step allocates its own (R, V) tensor
 
         # EOS among the K best candidates: finish (tokens so far, t + 1 scored steps)
         m, j = (tokens[:, :k] == EOS).nonzero(as_tuple=True)
@@ -406,18 +418,21 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
 
 def decode(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, config: DecodeConfig,
            strategy: str, generator: torch.Generator | None = None,
-           on_tokens: TokenCallback | None = None) -> list[list[Hypothesis]]:
+           on_tokens: TokenCallback | None = None,
+           keep_attention: bool = True) -> list[list[Hypothesis]]:
     """Run ``strategy`` ("beam" | "greedy" | "sample") with the settings of ``config``.
 
     ``on_tokens`` streams greedy and sampled tokens; beam search does not stream.
+    ``keep_attention=False`` leaves ``Hypothesis.attention`` None.
     """
     rules = LogitRules(config.min_length, config.ban_unk, config.no_repeat_ngram)
     if strategy == "beam":
         return beam_search(step, state, first, max_lengths, rules, config.beam_size,
-                           config.n_best, config.length_penalty, config.coverage_penalty)
+                           config.n_best, config.length_penalty, config.coverage_penalty,
+                           keep_attention)
     if strategy == "greedy":
-        return greedy(step, state, first, max_lengths, rules, on_tokens)
+        return greedy(step, state, first, max_lengths, rules, on_tokens, keep_attention)
     if strategy == "sample":
         return sample(step, state, first, max_lengths, rules, config.temperature, config.top_k,
-                      config.top_p, generator, on_tokens)
+                      config.top_p, generator, on_tokens, keep_attention)
     raise ValueError(f"unknown decoding strategy {strategy!r}; use 'beam', 'greedy' or 'sample'")

@@ -217,6 +217,11 @@ def test_coverage_penalty_prefers_the_hypothesis_covering_the_source(expose_cove
     assert hyps[1].score == pytest.approx(math.log(0.5 * 0.9) + math.log(0.5))
     assert hyps[1].log_prob == pytest.approx(math.log(0.5 * 0.9))
     assert torch.equal(hyps[1].attention, torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]))
+    # without kept attention the penalty is the same (from the history when no coverage is exposed)
+    [bare] = run(beam_search, table, beam_size=2, n_best=2, length_penalty=0.0,
+                 coverage_penalty=1.0, keep_attention=False)
+    assert [(h.tokens, h.score) for h in bare] == [(h.tokens, h.score) for h in hyps]
+    assert all(h.attention is None for h in bare)
 
 
 def test_pad_bos_never_emitted_and_unk_banned_on_request():
@@ -377,6 +382,18 @@ def test_attention_has_one_row_per_scored_step(net):
                 steps = len(h.tokens) + (len(h.tokens) < 4)  # + EOS unless cut at max length
                 assert h.attention.shape == (steps, src.shape[1])
                 assert torch.allclose(h.attention.sum(1), torch.ones(steps))
+
+
+def test_keep_attention_false_changes_nothing_but_the_attention(net):
+    src, lengths = sources()
+    for strategy, kwargs in ((greedy, {}), (beam_search, {"beam_size": 3, "n_best": 2,
+                                                         "coverage_penalty": 0.2})):
+        kept = net_run(strategy, net, src, lengths, 6, **kwargs)
+        bare = net_run(strategy, net, src, lengths, 6, keep_attention=False, **kwargs)
+        assert [[(h.tokens, h.score) for h in hyps] for hyps in bare] == \
+            [[(h.tokens, h.score) for h in hyps] for hyps in kept]
+        assert all(h.attention is None for hyps in bare for h in hyps)
+        assert all(h.attention is not None for hyps in kept for h in hyps)
 
 
 def test_n_best_distinct_and_sorted(net):

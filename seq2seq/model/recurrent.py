@@ -192,9 +192,12 @@ class OutputLayer(nn.Module):
 
 
 def step_log_probs(logits: Tensor) -> Tensor:
-    """One step's logits (N, 1, V) -> log-probabilities (N, V) float32, written over the logits
-    when they are float32 already: decoding then allocates one (N, V) tensor per step, not two."""
+    """One step's logits (N, 1, V) -> log-probabilities (N, V) float32 and contiguous, written
+    over the logits when they are both already: decoding then allocates one (N, V) tensor per
+    step, not two."""
     logits = logits[:, 0].float()
+    if not logits.is_contiguous():  # a vocabulary padded for the matmul, sliced back
+        return torch.log_softmax(logits, dim=-1)
     return torch.log_softmax(logits, dim=-1, out=logits)
 
 

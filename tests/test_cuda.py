@@ -1,0 +1,136 @@
+"""The CUDA paths: the same model, search and training code on a GPU as on the CPU.
+
+Skipped where CUDA is not available (CI has no GPU); on a GPU machine run
+``pytest tests/test_cuda.py``. TF32 is turned off so that GPU and CPU compute the same fp32
+function and can be compared closely.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seq2seq.cli import app
+from seq2seq.config import DecodeConfig, ModelConfig
+from seq2seq.data import read_parallel
+from seq2seq.inference import load_model, translate_lines
+from seq2seq.model import build_model
+from seq2seq.model.attention import _AdditiveScores
+from seq2seq.search import decode
+from seq2seq.tokenizer import BOS
+from seq2seq.train import train
+
+from .conftest import toy_recipe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(embed_dim=16, hidden_size=32, encoder_layers=2, decoder_layers=2,
+                         dropout=0.0)
+    return build_model(config, 40, "translation").eval()
+
+
+def source_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    lengths = torch.tensor([7, 4, 6, 2])
+    src = torch.randint(4, 40, (4, 7))
+    for row, length in enumerate(lengths.tolist()):
+        src[row, length:] = 0
+    return src, lengths
+
+
+def test_teacher_forced_logits_on_cuda_equal_the_cpu():
+    model = small_model()
+    src, lengths = source_batch()
+    tgt = torch.randint(4, 40, (4, 5))
+    with torch.no_grad():
+        cpu = model(src, lengths, tgt)
+        gpu = model.cuda()(src.cuda(), lengths.cuda(), tgt.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_scores_and_gradients_on_cuda():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*shape, dtype=torch.float64, device="cuda", requires_grad=True)
+               for shape in [(3, 4, 8), (3, 6, 8), (8,)])
+    expected = torch.matmul(torch.tanh(q.unsqueeze(2) + k.unsqueeze(1)), v)
+    torch.testing.assert_close(_AdditiveScores.apply(q, k, v), expected)
+    assert torch.autograd.gradcheck(_AdditiveScores.apply, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy"])
+def test_search_on_cuda_equals_the_cpu(strategy):
+    model = small_model()
+    src, lengths = source_batch()
+    config = DecodeConfig(beam_size=4, n_best=2 if strategy == "beam" else 1)
+    max_lengths = torch.full((4,), 8)
+
+    def run(device: str):
+        m = model.to(device)
+        state = m.start(src.to(device), lengths.to(device))
+        first = torch.full((4,), BOS, device=device)
+        with torch.no_grad():
+            return decode(m.step, state, first, max_lengths.to(device), config, strategy)
+
+    cpu, gpu = run("cpu"), run("cuda")
+    assert [[h.tokens for h in hyps] for hyps in gpu] == [[h.tokens for h in hyps] for hyps in cpu]
+    for hg, hc in zip((h for hyps in gpu for h in hyps), (h for hyps in cpu for h in hyps),
+                      strict=True):
+        assert hg.score == pytest.approx(hc.score, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cuda_toy_run(tmp_path_factory):
+    """The toy reversal task trained on the GPU with the default precision (bf16 autocast)."""
+    out = tmp_path_factory.mktemp("cuda_toy")
+    train(toy_recipe("train.max_steps=450", "data.toy_train_size=2000", "train.device=cuda"), out)
+    return out
+
+
+def toy_pairs(run) -> list[tuple[str, str]]:
+    recipe = load_model(run / "last.pt").recipe
+    return read_parallel(recipe.data, "valid", seed=recipe.train.seed)
+
+
+def test_bf16_training_on_cuda_learns_the_toy_task(cuda_toy_run):
+    loaded = load_model(cuda_toy_run / "best.pt", device="cuda")
+    assert next(loaded.model.parameters()).dtype == torch.float32  # master weights stay fp32
+    pairs = toy_pairs(cuda_toy_run)
+    outputs = translate_lines(loaded, [s for s, _ in pairs], loaded.recipe.decode)
+    right = sum(loaded.tokenizer.decode(hyps[0].tokens) == target
+                for (_, target), hyps in zip(pairs, outputs, strict=True))
+    assert right >= 0.8 * len(pairs)
+
+
+def test_translate_on_cuda_matches_the_cpu(cuda_toy_run, tmp_path):
+    pairs = toy_pairs(cuda_toy_run)[:20]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join([pairs[0][0], ""] + [s for s, _ in pairs[1:]]) + "\n")
+    runner = CliRunner()
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        target = tmp_path / f"{device}.txt"
+        result = runner.invoke(app, ["translate", str(cuda_toy_run / "best.pt"), "--input",
+                                     str(source), "--output", str(target), "--device", device])
+        assert result.exit_code == 0, result.output
+        outputs[device] = target.read_text(encoding="utf-8").splitlines()
+    assert len(outputs["cuda"]) == 21 and outputs["cuda"][1] == ""
+    same = sum(a == b for a, b in zip(outputs["cuda"], outputs["cpu"], strict=True))
+    assert same >= 19  # fp32 on both; only near-ties may break differently
+
+
+def test_int8_is_refused_on_cuda(cuda_toy_run):
+    result = CliRunner().invoke(app, ["translate", str(cuda_toy_run / "best.pt"), "--device",
+                                      "cuda", "--quantize", "int8"], input="1 2\n")
+    assert result.exit_code == 2 and "CPU only" in result.output
