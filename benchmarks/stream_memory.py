@@ -40,9 +40,12 @@ def toy_checkpoint(work: Path) -> Path:
 
 def make_input(path: Path, lines: int, checkpoint: Path) -> None:
     """``lines`` toy sources (the validation split of the checkpoint's recipe), some empty."""
+    import torch
+
     from seq2seq.data import read_parallel
     from seq2seq.inference import load_model
 
+    torch.set_num_threads(1)  # no OpenMP worker of this process may spin beside the measured one
     recipe = load_model(checkpoint).recipe
     sources = [source for source, _ in read_parallel(recipe.data, "valid", recipe.train.seed)]
     with path.open("w", encoding="utf-8") as out:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -95,6 +96,13 @@ def tokenizer_train(recipe: Annotated[Path, typer.Argument(help="Recipe file")],
     typer.echo(f"{path}: {size} entries, coverage {coverage:.4%} of training tokens")
 
 
+def _lean_decoding() -> None:
+    """Set this process up for decoding, before any oneDNN kernel runs. Decoding calls the LSTM
+    with a new batch shape at nearly every step, and oneDNN's primitive cache kept each of them:
+    about 100 MiB over the Multi30k test set, at no gain in speed. An explicit setting wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+
+
 def _decode_options(loaded: Any, **options: Any) -> Any:
     from seq2seq.inference import check_decode_options, generation_config
 
@@ -125,6 +133,7 @@ def translate(
     from seq2seq import inference
 
     def action() -> None:
+        _lean_decoding()
         loaded = inference.load_model(checkpoint, device, quantize)
         inference.require_task(loaded, "translation", checkpoint)
         config = _decode_options(loaded, beam_size=beam_size, length_penalty=length_penalty,
@@ -160,6 +169,8 @@ def evaluate(
     beam_size: Annotated[int | None, typer.Option(help="Beam width")] = None,
     length_penalty: Annotated[float | None, typer.Option(help="GNMT alpha")] = None,
     coverage_penalty: Annotated[float | None, typer.Option(help="GNMT beta")] = None,
+    max_tokens_per_batch: Annotated[
+        int | None, typer.Option(help="Source tokens per batch")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
@@ -173,7 +184,8 @@ def evaluate(
         if not one_input or (checkpoint is not None and source is None):
             raise inference.InferenceError("give either CHECKPOINT with --source, or --hypotheses")
         options = dict(beam_size=beam_size, length_penalty=length_penalty,
-                       coverage_penalty=coverage_penalty)
+                       coverage_penalty=coverage_penalty, max_tokens_per_batch=max_tokens_per_batch)
+        _lean_decoding()
         return evaluate_files(checkpoint, source, reference, hypotheses, device,
                                         quantize, options)
 
@@ -202,6 +214,7 @@ def generate(
     from seq2seq import inference
 
     def action() -> None:
+        _lean_decoding()
         loaded = inference.load_model(checkpoint, device)
         inference.require_task(loaded, "lm", checkpoint)
         config = _decode_options(loaded, max_new_tokens=max_new_tokens, temperature=temperature,

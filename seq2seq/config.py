@@ -128,7 +128,7 @@ class DecodeConfig:
     top_p: float = 1.0
     no_repeat_ngram: int = 0
     ban_unk: bool = False
-    max_tokens_per_batch: int = 6000  # inference batch budget (source tokens)
+    max_tokens_per_batch: int = 3000  # inference batch budget (source tokens)
 
 
 @dataclass(frozen=True)

@@ -127,8 +127,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def release_free_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc only; elsewhere a no-op).
 
-    Each decoding step frees (rows x vocabulary) tensors of a slightly different size, and glibc
-    keeps the holes they leave: without this, resident memory grew batch after batch.
+    Decoding frees (rows x vocabulary) tensors of ever-changing sizes, and glibc keeps the holes
+    they leave. Streaming calls this after every chunk of lines (not every batch: re-faulting the
+    pages costs up to 10% in speed), so resident memory stays flat on endless input.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -152,8 +153,6 @@ def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConf
                       config, strategy, keep_attention=keep_attention)
         for i, hyp in zip(indices, hyps, strict=True):
             results[i] = hyp
-        if device.type == "cpu":
-            release_free_memory()
     return results
 
 
@@ -190,16 +189,21 @@ def translate_stream(loaded: LoadedModel, lines: Iterable[str], config: DecodeCo
                      chunk_lines: int = 1000,
                      keep_attention: bool = False) -> Iterator[tuple[str, list[Hypothesis]]]:
     """Translate an endless stream in bounded memory: (input, hypotheses) per line, in order."""
+
+    def translated(chunk: list[str]) -> Iterator[tuple[str, list[Hypothesis]]]:
+        results = translate_lines(loaded, chunk, config, "beam", keep_attention)
+        if loaded.device.type == "cpu":
+            release_free_memory()
+        return zip(chunk, results, strict=True)
+
     chunk: list[str] = []
     for line in lines:
         chunk.append(line)
         if len(chunk) == chunk_lines:
-            yield from zip(chunk, translate_lines(loaded, chunk, config, "beam", keep_attention),
-                           strict=True)
+            yield from translated(chunk)
             chunk = []
     if chunk:
-        yield from zip(chunk, translate_lines(loaded, chunk, config, "beam", keep_attention),
-                       strict=True)
+        yield from translated(chunk)
 
 
 def generation_config(config: DecodeConfig, **overrides: object) -> DecodeConfig:

@@ -98,6 +98,24 @@ def test_evaluate_translates_and_scores_and_references_score_100(toy_run, tmp_pa
     assert same.stdout.startswith("BLEU  100.00")
 
 
+def test_batch_budget_changes_batches_not_translations(toy_run, tmp_path):
+    pairs = toy_valid(toy_run)
+    source, reference = tmp_path / "src.txt", tmp_path / "ref.txt"
+    source.write_text("\n".join(s for s, _ in pairs) + "\n")
+    reference.write_text("\n".join(t for _, t in pairs) + "\n")
+    outputs = []
+    for budget in ("3000", "9"):  # one batch; a sentence or two per batch
+        result = invoke("translate", toy_run / "best.pt", "--input", source,
+                        "--max-tokens-per-batch", budget)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.stdout)
+        scored = invoke("evaluate", toy_run / "best.pt", "--source", source, "--reference",
+                        reference, "--max-tokens-per-batch", budget, "--json")
+        assert scored.exit_code == 0, scored.output
+        outputs.append(json.loads(scored.stdout)["bleu"])
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3]
+
+
 def test_int8_agrees_with_fp32_on_most_sentences(toy_run, tmp_path):
     source = tmp_path / "src.txt"
     source.write_text("\n".join(s for s, _ in toy_valid(toy_run)) + "\n")
