@@ -29,6 +29,7 @@ import os
 # Sleep rather than spin at OpenMP barriers on a shared CPU (see benchmarks/train_speed.py); it
 # must be set before torch loads OpenMP, and an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")  # as the CLI decodes (seq2seq/cli.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

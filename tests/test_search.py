@@ -280,6 +280,18 @@ def test_apply_rules_in_place_equals_the_copy():
     assert torch.isinf(copied[:, [PAD, BOS, UNK, EOS]]).all() and torch.isinf(copied[0, B])
 
 
+@pytest.mark.parametrize("k,n,vocab", [(5, 10, 8000), (3, 6, 64), (4, 8, 24), (2, 4, 12)])
+def test_two_stage_group_top_k_equals_one_top_k(k, n, vocab):
+    torch.manual_seed(vocab)
+    total = torch.randn(7 * k, vocab).log_softmax(-1) + torch.randn(7 * k, 1)
+    total[1:k] = float("-inf")  # the first step: one live beam in the first group
+    total[k + 1, :vocab // 2] = float("-inf")  # banned tokens
+    values, indices = search._top_k_of_groups(total, k, n)
+    expected = total.view(7, k * vocab).topk(n, dim=1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(indices, expected.indices)  # random values: no ties
+
+
 def repeats_bigram(tokens: list[int]) -> bool:
     bigrams = list(zip(tokens, tokens[1:], strict=False))
     return len(bigrams) != len(set(bigrams))
