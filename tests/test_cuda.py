@@ -60,6 +60,16 @@ def test_teacher_forced_logits_on_cuda_equal_the_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
 
 
+def test_two_stage_beam_top_k_on_cuda():
+    from seq2seq.search import _top_k_of_groups
+
+    torch.manual_seed(0)
+    total = torch.randn(6 * 5, 8000, device="cuda").log_softmax(-1)
+    values, indices = _top_k_of_groups(total, 5, 10)
+    expected = total.view(6, 5 * 8000).topk(10, dim=1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
 def test_attention_scores_and_gradients_on_cuda():
     torch.manual_seed(0)
     q, k, v = (torch.randn(*shape, dtype=torch.float64, device="cuda", requires_grad=True)
