@@ -186,7 +186,7 @@ def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
     while inputs.numel():
         raw, state = step(prev, state)
         raw = raw.detach().float()
-        prev = choose(apply_rules(raw, tokens, rules))
+        prev = choose(apply_rules(raw, tokens, rules, inplace=True))  # chosen: never banned
         log_prob = log_prob + raw.gather(1, prev[:, None]).squeeze(1)
         tokens = torch.cat([tokens, prev[:, None]], 1)
         attention = _step_attention(state, attention) if keep_attention else None
