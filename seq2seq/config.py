@@ -75,6 +75,7 @@ class ModelConfig:
     dropout: float = 0.2
     tie_embeddings: bool = True  # share source, target and output embeddings
     output_projection: bool = True  # project [top; context] to embed_dim before the classifier
+    bridge: bool = False  # decoder starts from a projection of the mean encoder output, not zeros
     init_scale: float = 0.1  # uniform initialisation range
 
 
@@ -94,6 +95,7 @@ class TrainConfig:
     lr: float = 1e-3
     schedule: str = "gnmt"  # "gnmt" | "inverse_sqrt" | "constant"
     warmup_steps: int = 200
+    warmup_fraction: float = 0.0  # warm-up also ends at this fraction of the budget (0 = off)
     decay_start: float = 0.666  # gnmt: fraction of max_steps where halving starts
     decay_halvings: int = 4  # gnmt: number of halvings
     clip_norm: float = 5.0

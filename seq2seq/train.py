@@ -63,12 +63,18 @@ def budget_fraction(config: TrainConfig, step: int, elapsed: float,
 def learning_rate(config: TrainConfig, step: int, fraction: float) -> float:
     """Linear warm-up, then the schedule the recipe names.
 
+    Warm-up ends after ``warmup_steps`` or, when ``warmup_fraction`` is set, at that fraction of
+    the budget, whichever comes first: a slow machine that makes few steps in its budget does not
+    spend a large part of them warming up, and a fast one still warms up for its full steps.
     gnmt: constant, then ``decay_halvings`` halvings spread evenly over the budget after
     ``decay_start``; inverse_sqrt: lr * sqrt(warmup / step) after warm-up.
     """
     warmup = max(config.warmup_steps, 1)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
+    warmed = (step + 1) / warmup
+    if config.warmup_fraction > 0:
+        warmed = max(warmed, fraction / config.warmup_fraction)
+    if warmed < 1:
+        return config.lr * warmed
     if config.schedule == "inverse_sqrt":
         return config.lr * math.sqrt(warmup / (step + 1))
     if config.schedule == "gnmt" and fraction > config.decay_start and config.decay_halvings:

@@ -63,8 +63,10 @@ def tensors(value) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_translation_step_equals_teacher_forcing(cell):
-    model = translation(cell)
+@pytest.mark.parametrize("bridge", [False, True])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_translation_step_equals_teacher_forcing(cell, bridge, layers):
+    model = translation(cell, bridge=bridge, decoder_layers=layers)
     src, lengths = source_batch()
     tgt = target_batch()
     with torch.no_grad():
@@ -106,8 +108,9 @@ def test_lm_state_carries_across_chunks(cell):
     assert whole.shape == (2, 9, VOCAB)
 
 
-def test_padding_changes_nothing_at_real_positions():
-    model = translation()
+@pytest.mark.parametrize("bridge", [False, True])
+def test_padding_changes_nothing_at_real_positions(bridge):
+    model = translation(bridge=bridge)
     src, lengths = source_batch()
     tgt = target_batch()
     # Two more padding columns, and garbage (non-PAD ids) in every padding position.
@@ -125,6 +128,26 @@ def test_padding_changes_nothing_at_real_positions():
         longer = model(src, lengths, F.pad(tgt, (0, 2), value=PAD))
     torch.testing.assert_close(longer[:, :5], logits, atol=1e-6, rtol=0)
     assert memory[~mask].abs().sum() == 0
+
+
+def test_bridge_starts_the_decoder_from_the_source():
+    """With the bridge two sources give the decoder different first states (from the mean encoder
+    output, padding excluded); without it the first state is zero whatever the source."""
+    src, lengths = source_batch()
+    for bridge in (False, True):
+        model = translation(bridge=bridge)
+        with torch.no_grad():
+            state = model.start(src, lengths)
+            memory, mask = model.encode(src, lengths)
+        h = state.bottom[0][:, 0]  # (B, H)
+        if not bridge:
+            assert h.abs().sum() == 0 and all(p.abs().sum() == 0 for p in state.upper)
+            continue
+        mean = memory.sum(1) / mask.sum(1, keepdim=True)
+        expected = torch.tanh(model.bridge(mean)[:, : model.config.hidden_size])
+        torch.testing.assert_close(h, expected)
+        assert not torch.allclose(h[0], h[1])
+        assert state.upper[0].shape == (3, 2, 16) and state.upper[1].abs().sum() > 0
 
 
 def test_bidirectional_encoder_sees_the_future():

@@ -3,6 +3,8 @@ process, and bad situations (non-finite losses, killed processes) are survived o
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -57,6 +59,12 @@ def test_gnmt_schedule_by_hand():
     assert learning_rate(config, 51, 0.51) == 0.5  # first of four halvings over the last half
     assert learning_rate(config, 70, 0.70) == 0.25
     assert learning_rate(config, 99, 0.99) == 0.0625
+    # warm-up also ends at warmup_fraction of the budget: a slow machine's 20 steps reach 10%
+    by_fraction = dataclasses.replace(config, warmup_steps=100, warmup_fraction=0.1)
+    assert learning_rate(by_fraction, 0, 0.0) == pytest.approx(0.01)
+    assert learning_rate(by_fraction, 4, 0.05) == pytest.approx(0.5)  # the budget leads
+    assert learning_rate(by_fraction, 19, 0.1) == 1.0
+    assert learning_rate(by_fraction, 60, 0.02) == pytest.approx(0.61)  # the steps lead
     inverse = TrainConfig(lr=1.0, warmup_steps=4, schedule="inverse_sqrt")
     assert learning_rate(inverse, 15, 0.0) == pytest.approx(0.5)
 

@@ -1,7 +1,12 @@
 """Normalised Bahdanau attention, as in NVIDIA's GNMT v2.
 
 ``score(q, k) = g * (v / ||v||) . tanh(W_q q + W_k k + b)``; softmax over source positions with
-padding masked; ``context = sum_s weights_s * memory_s``. The keys ``W_k k + b`` are projected once
+padding masked; ``context = sum_s weights_s * memory_s``. ``g`` starts at ``1 / sqrt(units)`` as in
+GNMT v2, but is stored as ``scale = g / sqrt(units)``: Adam moves a parameter by about the
+learning rate per step whatever its size, so a bare ``g`` needs thousands of steps to sharpen the
+attention from uniform, while ``scale`` moves ``g`` about as fast as the unnormalised ``v`` of plain
+Bahdanau attention would (``sqrt(units)`` times faster). Early in training that is the difference
+between a decoder that reads the source and one that is still a language model of the target. The keys ``W_k k + b`` are projected once
 per source sentence (:meth:`BahdanauAttention.keys`), then every query — all target positions at
 once in training (B,T,H), one position in decoding (N,1,H) — is one batched computation. The module
 holds parameters only, never decoding state.
@@ -82,7 +87,7 @@ class BahdanauAttention(nn.Module):
         self.query = nn.Linear(query_size, units, bias=False)
         self.key = nn.Linear(key_size, units, bias=True)  # its bias is the ``b`` of the score
         self.v = nn.Parameter(torch.empty(units).uniform_(-init_scale, init_scale))
-        self.g = nn.Parameter(torch.tensor(1.0 / math.sqrt(units)))
+        self.scale = nn.Parameter(torch.tensor(1.0 / units))  # g = scale * sqrt(units)
         nn.init.uniform_(self.query.weight, -init_scale, init_scale)
         nn.init.uniform_(self.key.weight, -init_scale, init_scale)
         nn.init.zeros_(self.key.bias)
@@ -95,7 +100,8 @@ class BahdanauAttention(nn.Module):
                 mask: Tensor) -> tuple[Tensor, Tensor]:
         """query (B,T,Q), keys (B,S,A), memory (B,S,K), mask (B,S) bool (True = real token)
         -> context (B,T,K), weights (B,T,S) (rows sum to 1, exactly 0 at padding)."""
-        v = self.g * self.v / self.v.norm()
+        units = self.v.numel()
+        v = (self.scale * math.sqrt(units)) * self.v / self.v.norm()
         scores = _AdditiveScores.apply(self.query(query), keys, v)  # (B, T, S)
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         weights = torch.softmax(scores, dim=-1)

@@ -5,8 +5,10 @@ residual from the third layer up. Decoder: layer 1 over the target embeddings; i
 the attention over the encoder memory; the context is concatenated to the input of every upper
 layer and to the output layer. No input feeding, so teacher-forced training runs every layer as
 one whole-sequence fused call and the attention for all target positions as one batched op, and
-``step`` is the same code with T = 1. As in GNMT v2 the decoder starts from a zero state (the
-encoder's final states are not passed on).
+``step`` is the same code with T = 1. As in GNMT v2 the decoder starts from a zero state, unless
+``config.bridge``: then every decoder layer starts from ``tanh(W m)`` (h) and ``W' m`` (c) of the
+mean ``m`` of the encoder outputs, so the decoder knows the source before its attention has learned
+where to look (OpenNMT-py and Joey NMT pass the encoder's final states on in the same spirit).
 """
 
 from __future__ import annotations
@@ -106,6 +108,24 @@ class Seq2Seq(nn.Module):
                                             residual_from=1)
         self.output = OutputLayer(2 * hidden, self.tgt_embed, vocab_size, c.output_projection,
                                   c.tie_embeddings, c.dropout, c.init_scale)
+        parts = 2 if c.cell == "lstm" else 1  # (h, c) or (h,)
+        self.bridge = nn.Linear(hidden, parts * c.decoder_layers * hidden) if c.bridge else None
+        if self.bridge is not None:
+            nn.init.uniform_(self.bridge.weight, -c.init_scale, c.init_scale)
+            nn.init.zeros_(self.bridge.bias)
+
+    def initial_state(self, memory: Tensor, mask: Tensor) -> tuple[State, State]:
+        """The decoder's first bottom and upper states for memory (B,S,H), mask (B,S): zeros, or
+        with the bridge the projection of the mean encoder output (each part (B, L, H))."""
+        rows = memory.size(0)
+        if self.bridge is None:
+            return (self.decoder_bottom.zero_state(rows, memory),
+                    self.decoder_upper.zero_state(rows, memory))
+        mean = memory.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(memory.dtype)
+        parts = self.bridge(mean).view(rows, -1, self.config.decoder_layers, memory.size(-1))
+        state = (torch.tanh(parts[:, 0]), *parts[:, 1:].unbind(1))  # h, then c for an LSTM
+        upper = tuple(part[:, 1:] for part in state) if self.config.decoder_layers > 1 else ()
+        return tuple(part[:, :1] for part in state), upper
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
         """src (B,S) long, src_lengths (B,) -> memory (B,S,H) (zero at padding), mask (B,S)."""
@@ -137,7 +157,9 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V)."""
         memory, mask = self.encode(src, src_lengths)
-        logits, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask)
+        bottom, upper = self.initial_state(memory, mask) if self.bridge is not None else (None, None)
+        logits, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask, bottom,
+                                      upper)
         return logits
 
     def start(self, src: Tensor, src_lengths: Tensor) -> TranslationState:
@@ -145,11 +167,10 @@ class Seq2Seq(nn.Module):
         memory, mask = self.encode(src, src_lengths)
         n = src.size(0)
         coverage = memory.new_zeros(mask.shape, dtype=torch.float32)
+        bottom, upper = self.initial_state(memory, mask)
         return TranslationState(
             memory=memory, keys=self.attention.keys(memory), mask=mask,
-            source=torch.arange(n, device=src.device), group=1,
-            bottom=self.decoder_bottom.zero_state(n, memory),
-            upper=self.decoder_upper.zero_state(n, memory),
+            source=torch.arange(n, device=src.device), group=1, bottom=bottom, upper=upper,
             coverage=coverage, attention=coverage,
         )
 
