@@ -187,6 +187,22 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     return {**last, "model": averaged}
 
 
+def check_weights_fit(path: str | Path, weights: dict[str, torch.Tensor],
+                      expected: dict[str, torch.Tensor], fix: str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the first parameter of ``expected`` (a
+    state_dict) that ``weights`` lacks or shapes differently, or else the first extra one."""
+    for name, tensor in expected.items():
+        if name not in weights:
+            raise CheckpointError(f"{path}: no parameter {name}, which the model needs; {fix}")
+        if weights[name].shape != tensor.shape:
+            raise CheckpointError(f"{path}: parameter {name} has shape "
+                                  f"{tuple(weights[name].shape)}, the model needs "
+                                  f"{tuple(tensor.shape)}; {fix}")
+    extra = [name for name in weights if name not in expected]
+    if extra:
+        raise CheckpointError(f"{path}: parameter {extra[0]} has no place in the model; {fix}")
+
+
 def rng_state() -> dict[str, Any]:
     """Python ``random``, torch CPU and (when present) CUDA RNG states as plain data."""
     version, internal, gauss = random.getstate()

@@ -70,7 +70,10 @@ def _run(action: Any) -> Any:
 def train(recipe: Annotated[Path, typer.Argument(help="Recipe file (recipes/*.toml)")],
           out: Annotated[Path, typer.Option(help="Run directory")],
           set_: Sets = None,
-          resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt")] = False) -> None:
+          resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt")] = False,
+          init_from: Annotated[Path | None, typer.Option(
+              help="Start from this checkpoint's weights and tokenizer (fresh optimizer, step 0)",
+          )] = None) -> None:
     """Train a translation model or character LM; writes OUT/{best,last}.pt, metrics.jsonl."""
     from seq2seq.progress import TrainingProgress
     from seq2seq.train import train as run_training
@@ -78,7 +81,8 @@ def train(recipe: Annotated[Path, typer.Argument(help="Recipe file (recipes/*.to
     _setup_logging()
     config = _run(lambda: load_recipe(recipe, set_))
     with TrainingProgress(config.train, _console()) as progress:
-        metrics = _run(lambda: run_training(config, out, resume=resume, on_log=progress.update))
+        metrics = _run(lambda: run_training(config, out, resume=resume, on_log=progress.update,
+                                            init_from=init_from))
     if metrics:
         typer.echo(json.dumps({"run": str(out), **metrics}))
 

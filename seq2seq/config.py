@@ -101,7 +101,8 @@ class TrainConfig:
     clip_norm: float = 5.0
     label_smoothing: float = 0.1
     weight_decay: float = 0.0
-    log_every: int = 50
+    log_every: int = 50  # steps per train event; it reports the token-weighted mean loss over them
+    tensorboard: bool = False  # also write the events as TensorBoard scalars to RUN_DIR/tensorboard
     valid_every: int = 500
     valid_metric: str = "bleu"  # "bleu" | "loss"
     patience: int = 0  # stop after N validations without improvement (0 = never)

@@ -61,17 +61,28 @@ def plot_metrics(run_dir: Path, output: Path) -> Path:
     return output
 
 
-def attention_heatmap(path: Path, tokenizer: Any, source: str, hypothesis: Any) -> Path:
-    """Heatmap of one hypothesis' attention: target tokens (rows) over source tokens (columns)."""
+def attention_figure(tokenizer: Any, source: str, hypothesis: Any) -> Any:
+    """The figure of one hypothesis' attention: target tokens (rows) over source tokens
+    (columns), shaded from 0 to its own largest weight (a weak model's diffuse attention
+    would be all white on a 0-1 scale), with a colour bar."""
     plt = _pyplot()
     src = [_piece(tokenizer, i) for i in tokenizer.encode(source)] + ["</s>"]
     tgt = [_piece(tokenizer, i) for i in hypothesis.tokens] + ["</s>"]
     weights = hypothesis.attention[: len(tgt), : len(src)].float().numpy()
     figure, axis = plt.subplots(figsize=(max(4, 0.4 * len(src)), max(3, 0.35 * len(tgt))))
-    axis.imshow(weights, cmap="Greys", aspect="auto", vmin=0.0, vmax=1.0)
+    image = axis.imshow(weights, cmap="Greys", aspect="auto", vmin=0.0,
+                        vmax=float(weights.max()) or 1.0)
+    figure.colorbar(image, ax=axis)
     axis.set_xticks(range(len(src)), src, rotation=90)
     axis.set_yticks(range(len(tgt)), tgt)
     figure.tight_layout()
+    return figure
+
+
+def attention_heatmap(path: Path, tokenizer: Any, source: str, hypothesis: Any) -> Path:
+    """Write :func:`attention_figure` to ``path`` (PNG)."""
+    plt = _pyplot()
+    figure = attention_figure(tokenizer, source, hypothesis)
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path

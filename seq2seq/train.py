@@ -8,6 +8,7 @@ DistributedDataParallel give the same update as one process with the same global
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,12 +24,13 @@ from torch import nn
 from seq2seq import checkpoint as ckpt
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe, TrainConfig, recipe_to_dict, recipe_to_toml
+from seq2seq.events import LogCallback, LogWindow, TensorBoardSink, fan_out, summary_writer_class
+from seq2seq.inference import load_model
 from seq2seq.model import build_model
 from seq2seq.tasks import Task, make_task
 from seq2seq.tokenizer import Tokenizer, coverage, load_tokenizer, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
-LogCallback = Callable[[dict[str, Any]], None]
 
 
 class TrainingError(RuntimeError):
@@ -182,6 +184,14 @@ class Trainer:
         ckpt.set_rng_state(payload["rng"])
         log.info("resumed from %s at step %d", path, self.progress.step)
 
+    def warm_start(self, weights: dict[str, torch.Tensor], path: Path) -> None:
+        """Start from a checkpoint's weights with this run's fresh optimizer and step 0."""
+        ckpt.check_weights_fit(path, weights, self.model.state_dict(), "set the recipe's model.* "
+                               "keys (and data.task) as in the checkpoint's recipe")
+        self.model.load_state_dict(weights)
+        log.info("initialised from the weights of %s; optimizer and schedule start at step 0",
+                 path)
+
     def save(self, is_best: bool) -> None:
         if not self.ctx.is_main:
             return
@@ -237,7 +247,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, nll, target_tokens, tokens = totals.tolist()
         return {"loss": loss / max(target_tokens, 1.0), "nll": nll / max(target_tokens, 1.0),
-                "tokens": tokens, "lr": lr, "grad_norm": float(norm)}
+                "target_tokens": target_tokens, "tokens": tokens, "lr": lr,
+                "grad_norm": float(norm)}
 
     # -- the loop ----------------------------------------------------------------------------
     def emit(self, event: dict[str, Any]) -> None:
@@ -282,26 +293,30 @@ class Trainer:
         dist.barrier()
         return metrics
 
+    def log_train(self, window: LogWindow, lr: float) -> None:
+        """One train event: the interval's mean loss, nll and gradient norm (this rank's
+        batches), the last learning rate, and the tokens of every rank with their rate."""
+        rate = window.tokens / (time.perf_counter() - window.started)
+        flops = getattr(self.model, "flops_per_token", lambda: 0.0)()
+        self.emit({"event": "train", "step": self.progress.step, "epoch": self.task.epoch,
+                   **window.means(), "tokens": window.tokens, "lr": lr, "tokens_per_s": rate,
+                   "elapsed_min": self.progress.elapsed / 60, "budget": self.budget_spent(),
+                   "mfu": flops * rate / self.peak_flops if self.peak_flops else None})
+
     def run(self) -> dict[str, Any]:
         """Train until a budget or patience runs out, validating at the interval and at the end."""
         if self.ctx.device.type == "cpu" and self.ctx.is_main:
             self.peak_flops = matmul_peak_flops(self.ctx.device, seconds=0.3)
-        flops = getattr(self.model, "flops_per_token", lambda: 0.0)()
-        window_tokens, window_start, patience = 0.0, time.perf_counter(), self.config.patience
+        window, patience = LogWindow(), self.config.patience
         while not self.out_of_budget():
             started = time.perf_counter()
             stats = self.train_step(self.task.next_step())
             self.progress.step += 1
             self.progress.elapsed += time.perf_counter() - started
-            window_tokens += stats["tokens"] * self.ctx.world_size
+            window.add(stats, self.ctx.world_size)
             if self.progress.step % self.config.log_every == 0:
-                seconds = time.perf_counter() - window_start
-                rate = window_tokens / seconds
-                self.emit({"event": "train", "step": self.progress.step, "epoch": self.task.epoch,
-                           **stats, "tokens_per_s": rate, "elapsed_min": self.progress.elapsed / 60,
-                           "budget": self.budget_spent(),
-                           "mfu": flops * rate / self.peak_flops if self.peak_flops else None})
-                window_tokens, window_start = 0.0, time.perf_counter()
+                self.log_train(window, stats["lr"])
+                window = LogWindow()
             paused = time.perf_counter()
             if self.progress.step % self.config.valid_every == 0:
                 self.validate()
@@ -310,7 +325,7 @@ class Trainer:
                     break
             elif self.config.save_every and self.progress.step % self.config.save_every == 0:
                 self.save(is_best=False)
-            window_start += time.perf_counter() - paused  # keep validation out of tokens/s
+            window.started += time.perf_counter() - paused  # keep validation out of tokens/s
         if self.progress.step % self.config.valid_every != 0:
             self.validate()
         return self.progress.metrics
@@ -325,13 +340,27 @@ def _attach_log_file(out_dir: Path) -> logging.Handler:
 
 
 def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
-          on_log: LogCallback | None = None) -> dict[str, Any]:
-    """Train what the recipe describes into ``out_dir``; returns the last validation metrics."""
+          on_log: LogCallback | None = None,
+          init_from: str | Path | None = None) -> dict[str, Any]:
+    """Train what the recipe describes into ``out_dir``; returns the last validation metrics.
+
+    ``init_from`` warm-starts from a checkpoint: its weights and its tokenizer (the recipe's
+    tokenizer section becomes the checkpoint's), with a fresh optimizer and schedule at step 0.
+    """
     out_dir = Path(out_dir)
+    warm = None
+    if init_from is not None:
+        if resume:
+            raise TrainingError("--init-from starts a new run from a checkpoint's weights; it "
+                                "cannot be combined with --resume")
+        warm = load_model(init_from)  # the checkpoint's recipe, weights and tokenizer
+        recipe = dataclasses.replace(recipe, tokenizer=warm.recipe.tokenizer)
+    if recipe.train.tensorboard:
+        summary_writer_class()  # a missing package fails here, before anything is written
     ctx = dist.init_distributed(recipe.train.device)
     if recipe.train.threads and ctx.device.type == "cpu":
         torch.set_num_threads(recipe.train.threads)
-    handler = None
+    handler = sink = None
     try:
         if ctx.is_main:
             if not resume and (out_dir / "last.pt").exists():
@@ -340,17 +369,24 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             out_dir.mkdir(parents=True, exist_ok=True)
             handler = _attach_log_file(out_dir)
             (out_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
+            if warm is not None:
+                save_tokenizer(warm.tokenizer, out_dir)
+            sink = TensorBoardSink(out_dir) if recipe.train.tensorboard else None
         task = make_task(recipe, ctx)
         tokenizer = prepare_tokenizer(recipe, out_dir, task.tokenizer_texts, ctx)
         task.encode(tokenizer)
-        trainer = Trainer(recipe, out_dir, ctx, task, tokenizer, on_log)
+        trainer = Trainer(recipe, out_dir, ctx, task, tokenizer, fan_out(on_log, sink))
         if resume:
             last = out_dir / "last.pt"
             if not last.exists():
                 raise TrainingError(f"{last}: nothing to resume; start without --resume")
             trainer.restore(last)
+        if warm is not None:
+            trainer.warm_start(warm.model.state_dict(), Path(init_from))
         return trainer.run()
     finally:
+        if sink is not None:
+            sink.close()
         if handler is not None:
             logging.getLogger("seq2seq").removeHandler(handler)
             handler.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from seq2seq.checkpoint import load_checkpoint
 from seq2seq.cli import app
 from seq2seq.data import read_parallel
 from seq2seq.inference import load_model
+from seq2seq.model import build_model
 
-from .conftest import RECIPES
+from .conftest import RECIPES, TOY_SETTINGS, toy_recipe
 
 runner = CliRunner()
 COMMANDS = ["train", "translate", "evaluate", "generate", "average-checkpoints", "plot",
@@ -225,3 +228,29 @@ def test_translate_output_file_is_replaced_only_on_success(toy_run, tmp_path):
     missing = invoke("translate", toy_run / "best.pt", "--input", source, "--output",
                      tmp_path / "no" / "such" / "dir.txt")
     assert_user_error(missing, "cannot write")
+
+
+def train_toy(out: Path, *options: str):
+    sets = [arg for setting in TOY_SETTINGS for arg in ("--set", setting)]
+    return invoke("train", RECIPES / "toy_reverse.toml", "--out", out, *sets, *options)
+
+
+def test_init_from_refuses_a_model_of_another_size_naming_the_parameter(toy_run, tmp_path):
+    checkpoint = toy_run / "last.pt"
+    result = train_toy(tmp_path / "r", "--set", "model.hidden_size=32", "--init-from", checkpoint)
+    assert_user_error(result, str(checkpoint), "model.* keys")
+    name = re.search(r"parameter (\S+) has shape", result.stderr).group(1)
+    source = load_checkpoint(checkpoint)
+    wanted = build_model(toy_recipe("model.hidden_size=32").model, source["vocab_size"],
+                         "translation").state_dict()
+    differs = [n for n, t in wanted.items() if source["model"][n].shape != t.shape]
+    assert differs[0] == name  # the first parameter that does not fit
+    both = train_toy(tmp_path / "s", "--init-from", checkpoint, "--resume")
+    assert_user_error(both, "--init-from", "--resume")
+
+
+def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    result = train_toy(tmp_path / "r", "--set", "train.tensorboard=true")
+    assert_user_error(result, "train.tensorboard", "pip install 'seq2seq[tensorboard]'")
+    assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -23,6 +23,7 @@ from seq2seq.config import TrainConfig, load_recipe
 from seq2seq.data import read_parallel
 from seq2seq.inference import best_text, load_model, translate_lines
 from seq2seq.tasks import make_task
+from seq2seq.tokenizer import load_tokenizer, train_tokenizer
 from seq2seq.train import Trainer, TrainingError, budget_fraction, learning_rate, train
 
 from .conftest import RECIPES, TOY_SETTINGS, lm_recipe, toy_recipe
@@ -117,8 +118,6 @@ def test_existing_run_and_missing_resume_are_clear_errors(tmp_path, lm_run, lm_t
 def test_nonfinite_losses_skip_updates_then_stop(tmp_path, monkeypatch):
     recipe = toy_recipe("train.max_steps=50", "train.max_nonfinite=3", "model.hidden_size=16")
     task = make_task(recipe, SINGLE)
-    from seq2seq.tokenizer import train_tokenizer
-
     tokenizer = train_tokenizer(task.tokenizer_texts(), recipe.tokenizer)
     task.encode(tokenizer)
     trainer = Trainer(recipe, tmp_path, SINGLE, task, tokenizer)
@@ -229,3 +228,81 @@ def test_wmt16_gnmt_recipe_builds_and_steps_on_a_local_copy(tmp_path, hf_offline
     assert payload["step"] == 3
     model = load_model(tmp_path / "run" / "last.pt").model
     assert len(model.encoder_upper.layers) == len(model.decoder_upper.layers) == 3
+
+
+def read_events(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [event for event in map(json.loads, lines) if event["event"] == kind]
+
+
+def test_train_event_reports_the_token_weighted_mean_of_its_interval(tmp_path, monkeypatch):
+    steps: list[dict[str, float]] = []
+    original = Trainer.train_step
+
+    def recording(self, micro_batches):
+        steps.append(original(self, micro_batches))
+        return steps[-1]
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    train(toy_recipe("model.hidden_size=16", "train.max_steps=8", "train.log_every=4"), tmp_path)
+    logged = read_events(tmp_path, "train")
+    assert [event["step"] for event in logged] == [4, 8]
+    for event, interval in zip(logged, (steps[:4], steps[4:]), strict=True):
+        tokens = [step["target_tokens"] for step in interval]
+        assert len(set(tokens)) > 1  # length buckets: batches of different sizes
+        for key in ("loss", "nll"):
+            mean = sum(step[key] * step["target_tokens"] for step in interval) / sum(tokens)
+            assert event[key] == pytest.approx(mean, rel=1e-12)
+            assert interval[-1][key] != pytest.approx(mean, rel=1e-6)  # not the last batch's
+            plain = sum(step[key] for step in interval) / len(interval)
+            assert plain != pytest.approx(mean, rel=1e-6)  # weighted by tokens, not by steps
+        assert event["grad_norm"] == pytest.approx(sum(s["grad_norm"] for s in interval) / 4)
+        assert event["lr"] == interval[-1]["lr"]
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(toy_recipe("model.hidden_size=16", "train.max_steps=4", "train.log_every=2",
+                     "train.valid_every=4", "train.tensorboard=true"), tmp_path)
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    for kind, key in (("train", "loss"), ("train", "nll"), ("train", "lr"), ("valid", "loss"),
+                      ("valid", "bleu")):
+        expected = [(e["step"], torch.tensor(e[key]).item()) for e in read_events(tmp_path, kind)]
+        assert expected, (kind, key)
+        written = [(scalar.step, scalar.value) for scalar in accumulator.Scalars(f"{kind}/{key}")]
+        assert written == expected, (kind, key)  # TensorBoard keeps float32
+
+
+def test_warm_start_takes_weights_and_tokenizer_and_restarts_the_schedule(toy_run, tmp_path,
+                                                                          monkeypatch):
+    source = load_checkpoint(toy_run / "last.pt")
+    start: dict = {}
+    original = Trainer.run
+
+    def spy(self):
+        start.update(weights={k: v.clone() for k, v in self.model.state_dict().items()},
+                     step=self.progress.step, optimizer=self.optimizer.state_dict()["state"])
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "run", spy)
+    # Fewer symbols: a tokenizer trained on this data would differ, yet fit the same shapes.
+    recipe = toy_recipe("data.toy_vocab=6", "train.max_steps=2", "train.log_every=1")
+    fresh = train_tokenizer(make_task(recipe, SINGLE).tokenizer_texts(), recipe.tokenizer)
+    assert fresh.to_bytes() != source["tokenizer"]["data"]
+    train(recipe, tmp_path, init_from=toy_run / "last.pt")
+    assert source["step"] > 2 and start["step"] == 0 and start["optimizer"] == {}
+    assert start["weights"].keys() == source["model"].keys()
+    for name, tensor in source["model"].items():
+        assert torch.equal(start["weights"][name], tensor), name
+    assert load_tokenizer(tmp_path).to_bytes() == source["tokenizer"]["data"]
+    result = load_checkpoint(tmp_path / "last.pt")
+    assert result["step"] == 2 and result["tokenizer"] == source["tokenizer"]
+    assert read_events(tmp_path, "train")[0]["lr"] == learning_rate(recipe.train, 0, 0.0)
+
+
+def test_init_from_with_resume_is_refused(toy_run, tmp_path):
+    with pytest.raises(TrainingError, match="--init-from .* cannot be combined with --resume"):
+        train(toy_recipe(), tmp_path, resume=True, init_from=toy_run / "last.pt")
