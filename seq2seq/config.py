@@ -61,6 +61,10 @@ class TokenizerConfig:
     character_coverage: float = 1.0  # sentencepiece: fraction of characters covered
     max_sentences: int = 1_000_000  # sentencepiece: sentences sampled for training
     min_count: int = 1  # char: characters seen fewer times map to UNK
+    # Subword regularisation (Kudo 2018): translation training pairs are re-segmented by sampling
+    # at the start of every epoch; validation, test and inference keep the best segmentation.
+    sampling_alpha: float = 0.0  # sentencepiece: 0 = off; unigram: smoothing, bpe: dropout rate
+    sampling_nbest: int = -1  # sentencepiece unigram: sample among the n best (-1 = all)
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,24 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError("decode.n_best must be between 1 and decode.beam_size")
     if recipe.data.task == "lm" and recipe.data.format not in ("text", "hf"):
         raise ConfigError("data.format must be 'text' (or 'hf') when data.task = 'lm'")
+    _validate_sampling(recipe)
+
+
+def _validate_sampling(recipe: Recipe) -> None:
+    """Subword sampling needs a SentencePiece model and parallel training data."""
+    tokenizer = recipe.tokenizer
+    if not 0.0 <= tokenizer.sampling_alpha <= 1.0:
+        raise ConfigError(f"tokenizer.sampling_alpha = {tokenizer.sampling_alpha} must be in "
+                          "[0, 1] (0 = no subword sampling)")
+    if tokenizer.sampling_nbest != -1 and tokenizer.sampling_nbest < 2:
+        raise ConfigError(f"tokenizer.sampling_nbest = {tokenizer.sampling_nbest} must be -1 "
+                          "(the whole lattice) or at least 2")
+    if tokenizer.sampling_alpha > 0 and tokenizer.kind != "sentencepiece":
+        raise ConfigError("tokenizer.sampling_alpha > 0 needs tokenizer.kind = 'sentencepiece' "
+                          f"(it is {tokenizer.kind!r}); set tokenizer.sampling_alpha = 0")
+    if tokenizer.sampling_alpha > 0 and recipe.data.task != "translation":
+        raise ConfigError("tokenizer.sampling_alpha > 0 applies to data.task = 'translation' "
+                          "only; set tokenizer.sampling_alpha = 0")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -15,14 +15,14 @@ import math
 import random
 import string
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seq2seq.config import DataConfig, resolve_path
-from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer
+from seq2seq.tokenizer import BOS, EOS, PAD, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +233,12 @@ def split_text(text: str, valid_fraction: float) -> tuple[str, str]:
 
 @dataclass
 class ParallelData:
-    """Encoded pairs: ``src[i]`` = x + [EOS], ``tgt[i]`` = y (no BOS/EOS)."""
+    """Encoded pairs: ``src[i]`` = x + [EOS], ``tgt[i]`` = y (no BOS/EOS); ``kept[i]`` is the
+    index of example i among the pairs that were encoded."""
 
     src: list[list[int]]
     tgt: list[list[int]]
+    kept: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.src)
@@ -254,9 +256,9 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer,
                  max_length: int) -> ParallelData:
     """Tokenize pairs; drop (and log) those with an empty side or a side over ``max_length``
     tokens (EOS not counted; ``max_length`` <= 0 means no limit)."""
-    src, tgt = [], []
+    src, tgt, kept = [], [], []
     empty = long = 0
-    for source, target in pairs:
+    for index, (source, target) in enumerate(pairs):
         x, y = tokenizer.encode(source), tokenizer.encode(target)
         if not x or not y:
             empty += 1
@@ -265,9 +267,29 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer,
         else:
             src.append(x + [EOS])
             tgt.append(list(y))
+            kept.append(index)
     log.info("encoded %d of %d pairs: dropped %d with an empty side and %d longer than %d tokens",
              len(src), len(pairs), empty, long, max_length)
-    return ParallelData(src, tgt)
+    return ParallelData(src, tgt, kept)
+
+
+def sample_pairs(pairs: Sequence[tuple[str, str]], best: ParallelData,
+                 tokenizer: SentencePieceTokenizer, alpha: float, nbest: int, seed: int,
+                 max_length: int) -> ParallelData:
+    """``best`` (what :func:`encode_pairs` made of ``pairs``) re-segmented by subword sampling,
+    a function of ``seed``. The examples stay those ``best`` kept: a sampled side longer than
+    ``max_length`` keeps its best segmentation, so every epoch trains on the same pairs."""
+    sources = [pairs[i][0] for i in best.kept]
+    targets = [pairs[i][1] for i in best.kept]
+    ids = tokenizer.encode_sampled(sources + targets, alpha, nbest, seed)
+
+    def fits(side: list[int]) -> bool:
+        return bool(side) and (max_length <= 0 or len(side) <= max_length)
+
+    n = len(best)
+    src = [ids[i] + [EOS] if fits(ids[i]) else best.src[i] for i in range(n)]
+    tgt = [ids[n + i] if fits(ids[n + i]) else best.tgt[i] for i in range(n)]
+    return ParallelData(src, tgt, best.kept)
 
 
 # --- batching ------------------------------------------------------------------------------------
@@ -379,6 +401,16 @@ class TokenBatchSampler(_Position):
         mine = [group[self.rank] for group in groups]
         self._cache = (self.epoch, mine)
         return mine
+
+    def set_lengths(self, src_lengths: Sequence[int], tgt_lengths: Sequence[int]) -> None:
+        """New lengths for the same examples (a new segmentation), for the iterators made
+        after this call; the epoch and the position in it stay."""
+        if len(src_lengths) != len(self.src_lengths) or len(tgt_lengths) != len(self.tgt_lengths):
+            raise ValueError("set_lengths needs one source and one target length per example")
+        self.src_lengths = [int(n) for n in src_lengths]
+        self.tgt_lengths = [int(n) for n in tgt_lengths]
+        self._cache = None
+        len(self)  # fail early when the examples cannot be shared by the ranks
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch; the current epoch keeps its position."""

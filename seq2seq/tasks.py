@@ -21,7 +21,7 @@ from seq2seq.config import Recipe
 from seq2seq.distributed import DistContext
 from seq2seq.evaluate import perplexity, score_corpus
 from seq2seq.inference import encode_source, translate_ids
-from seq2seq.tokenizer import PAD, Tokenizer
+from seq2seq.tokenizer import PAD, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,25 @@ class TranslationTask:
                                    config.max_tokens, seed=config.seed, shuffle=True,
                                    rank=self.ctx.rank * config.accumulate + j, world_size=shards)
             for j in range(config.accumulate)]
-        self._iterators = [iter(sampler) for sampler in self.samplers]
         self._steps_per_epoch = len(self.samplers[0])
+        self.best_train, self._sampled_epoch = self.train, -1
+        self._iterators: list[Iterator[list[int]]] = []  # made by the first next_step
+
+    def _start_epoch(self) -> None:
+        """Iterators from the samplers' epoch and position on; with subword sampling, first
+        that epoch's segmentation of the training pairs, a function of (train.seed, epoch)
+        only, so every rank and every resume sees the same one (and the same epoch length)."""
+        config, epoch = self.recipe.tokenizer, self.samplers[0].epoch
+        if config.sampling_alpha > 0 and epoch != self._sampled_epoch:
+            assert isinstance(self.tokenizer, SentencePieceTokenizer)  # checked by the recipe
+            self.train = data.sample_pairs(
+                self.train_pairs, self.best_train, self.tokenizer, config.sampling_alpha,
+                config.sampling_nbest, self.recipe.train.seed * 1_000_003 + epoch,
+                self.recipe.data.max_length)
+            for sampler in self.samplers:
+                sampler.set_lengths(self.train.src_lengths, self.train.tgt_lengths)
+            self._sampled_epoch, self._steps_per_epoch = epoch, len(self.samplers[0])
+        self._iterators = [iter(sampler) for sampler in self.samplers]
 
     @property
     def epoch(self) -> int:
@@ -100,8 +117,8 @@ class TranslationTask:
     def next_step(self) -> list[data.Batch]:
         """The micro-batches of the next optimizer step (a new epoch starts when one ends)."""
         indices = [next(iterator, None) for iterator in self._iterators]
-        if indices[0] is None:
-            self._iterators = [iter(sampler) for sampler in self.samplers]
+        if not indices or indices[0] is None:
+            self._start_epoch()
             indices = [next(iterator) for iterator in self._iterators]
         return [data.collate(self.train, i).to(self.ctx.device) for i in indices]
 
@@ -144,7 +161,7 @@ class TranslationTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for sampler in self.samplers:
             sampler.load_state_dict(state["sampler"])
-        self._iterators = [iter(sampler) for sampler in self.samplers]
+        self._iterators = []
 
 
 class LanguageModelTask:

@@ -67,6 +67,20 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._processor.encode(text)
 
+    def encode_sampled(self, texts: Sequence[str], alpha: float, nbest: int = -1,
+                       seed: int = 0) -> list[list[int]]:
+        """One sampled segmentation per text (subword regularisation, Kudo 2018; BPE-dropout
+        with rate ``alpha`` for a BPE model), a function of (texts, alpha, nbest, seed) only.
+
+        SentencePiece samples with per-thread generators that start from its process-wide seed.
+        A batch call with one thread samples on a fresh worker thread, so setting the seed just
+        before makes the result reproducible (a test holds this); with several threads the texts
+        would reach the generators in a racy order.
+        """
+        spm.set_random_generator_seed(seed % 2**32)
+        return self._processor.encode(list(texts), enable_sampling=True, alpha=alpha,
+                                      nbest_size=nbest, num_threads=1)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode([int(i) for i in ids if i > EOS])
 

@@ -95,3 +95,17 @@ def test_recipe_is_frozen_and_paths_resolve():
         recipe.train.lr = 1.0  # type: ignore[misc]
     assert resolve_path("/data", "a.txt") == Path("/data/a.txt")
     assert resolve_path("/data", "/abs/a.txt") == Path("/abs/a.txt")
+
+
+def test_subword_sampling_keys_are_checked():
+    recipe = recipe_from_dict({}, ["tokenizer.sampling_alpha=0.2", "tokenizer.sampling_nbest=64"])
+    assert (recipe.tokenizer.sampling_alpha, recipe.tokenizer.sampling_nbest) == (0.2, 64)
+    assert recipe_from_dict({}).tokenizer.sampling_alpha == 0.0
+    with pytest.raises(ConfigError, match=r"tokenizer.sampling_alpha = 1.5 must be in \[0, 1\]"):
+        recipe_from_dict({}, ["tokenizer.sampling_alpha=1.5"])
+    with pytest.raises(ConfigError, match="tokenizer.sampling_nbest = 1 must be -1"):
+        recipe_from_dict({}, ["tokenizer.sampling_nbest=1"])
+    with pytest.raises(ConfigError, match="needs tokenizer.kind = 'sentencepiece' \\(it is 'char'"):
+        recipe_from_dict({}, ["tokenizer.kind=char", "tokenizer.sampling_alpha=0.1"])
+    with pytest.raises(ConfigError, match="data.task = 'translation' only"):
+        recipe_from_dict({}, ["data.task=lm", "data.format=text", "tokenizer.sampling_alpha=0.1"])

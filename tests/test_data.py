@@ -24,9 +24,10 @@ from seq2seq.data import (
     read_lines,
     read_parallel,
     read_text,
+    sample_pairs,
     split_text,
 )
-from seq2seq.tokenizer import BOS, EOS, PAD, train_char
+from seq2seq.tokenizer import BOS, EOS, PAD, train_char, train_sentencepiece
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
@@ -219,6 +220,47 @@ def test_encode_pairs_appends_eos_and_filters_with_counts(char_tokenizer, caplog
     assert data.src == [enc("ab") + [EOS], enc("??") + [EOS], enc("abc") + [EOS]]
     assert data.tgt == [enc("cde"), enc("x"), enc("abc")]
     assert "encoded 3 of 6 pairs: dropped 1 with an empty side and 2 longer than 5" in caplog.text
+
+
+def test_sample_pairs_keeps_the_examples_and_the_length_limit():
+    sentences = ["ein Hund läuft über die Wiese", "a dog runs across the meadow",
+                 "zwei Männer spielen Fußball", "two men are playing football"]
+    tokenizer = train_sentencepiece(sentences * 20, TokenizerConfig(vocab_size=60))
+    limit = max(len(tokenizer.encode(s)) for s in sentences)
+    pairs = [(sentences[0], sentences[1]), (sentences[2], sentences[3])] * 10
+    pairs.insert(3, (" ".join(sentences), "a dog"))  # over the limit: dropped, never sampled
+    best = encode_pairs(pairs, tokenizer, limit)
+    assert best.kept == [i for i in range(len(pairs)) if i != 3]
+    sampled = sample_pairs(pairs, best, tokenizer, 0.1, -1, seed=1, max_length=limit)
+    free = sample_pairs(pairs, best, tokenizer, 0.1, -1, seed=1, max_length=0)
+    assert sampled.kept == best.kept
+    for i, k in enumerate(best.kept):
+        assert sampled.src[i][-1] == EOS and tokenizer.decode(free.src[i]) == pairs[k][0]
+        assert tokenizer.decode(free.tgt[i]) == pairs[k][1]
+    sides = [(sampled.src, free.src, best.src, limit + 1), (sampled.tgt, free.tgt, best.tgt, limit)]
+    outcomes = set()
+    for result, unlimited, fallback, most in sides:
+        for got, drawn, kept in zip(result, unlimited, fallback, strict=True):
+            fits = len(drawn) <= most
+            assert got == (drawn if fits else kept)
+            outcomes.add((fits, drawn == kept))
+    assert (True, False) in outcomes and (False, False) in outcomes  # sampled, and fell back
+
+
+def test_sampler_set_lengths_keeps_epoch_and_position():
+    src, tgt = random_lengths(300)
+    longer = ([n + i % 3 for i, n in enumerate(src)], [n + i % 2 for i, n in enumerate(tgt)])
+    sampler = TokenBatchSampler(src, tgt, 250, seed=4)
+    sampler.set_epoch(2)
+    iterator = iter(sampler)
+    head = [next(iterator) for _ in range(3)]
+    sampler.set_lengths(*longer)
+    assert sampler.state_dict() == {"epoch": 2, "position": 3}
+    fresh = TokenBatchSampler(*longer, 250, seed=4)
+    fresh.set_epoch(2)
+    assert list(sampler) == list(fresh)[3:] and head != list(fresh)[:3]
+    with pytest.raises(ValueError, match="one source and one target length per example"):
+        sampler.set_lengths(src[:-1], tgt[:-1])
 
 
 def random_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:

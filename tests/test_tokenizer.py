@@ -67,3 +67,27 @@ def test_bad_bytes_and_empty_corpus_errors(tmp_path):
     (tmp_path / "tokenizer.sentencepiece").write_bytes(b"junk")
     with pytest.raises(TokenizerError, match="tokenizer.sentencepiece"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(("model_type", "alpha"), [("unigram", 0.1), ("unigram", 0.5),
+                                                   ("bpe", 0.1), ("bpe", 0.5)])
+def test_sampled_segmentations_round_trip_and_vary(model_type, alpha):
+    config = TokenizerConfig(kind="sentencepiece", model_type=model_type, vocab_size=60)
+    tokenizer = train_tokenizer(iter(CORPUS), config)
+    sampled = tokenizer.encode_sampled(CORPUS, alpha, nbest=-1, seed=3)
+    assert [tokenizer.decode(ids) for ids in sampled] == CORPUS
+    assert all(min(ids) > EOS for ids in sampled)
+    assert any(ids != tokenizer.encode(text) for ids, text in zip(sampled, CORPUS, strict=True))
+
+
+def test_sampled_segmentation_is_a_function_of_the_seed_only():
+    config = TokenizerConfig(kind="sentencepiece", vocab_size=60)
+    tokenizer = train_tokenizer(iter(CORPUS), config)
+    first = tokenizer.encode_sampled(CORPUS, 0.2, seed=5)
+    other = tokenizer.encode_sampled(CORPUS, 0.2, seed=6)
+    tokenizer.encode_sampled(CORPUS[:7], 0.2, seed=7)  # a different history changes nothing
+    again = tokenizer_from_bytes("sentencepiece", tokenizer.to_bytes())  # nor another processor
+    assert again.encode_sampled(CORPUS, 0.2, seed=5) == first
+    assert tokenizer.encode_sampled(CORPUS, 0.2, seed=5 + 2**32) == first
+    assert other != first
+    assert tokenizer.encode_sampled(CORPUS, 0.2, nbest=4, seed=5) != first

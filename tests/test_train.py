@@ -20,7 +20,7 @@ import torch
 from seq2seq import distributed as dist
 from seq2seq.checkpoint import load_checkpoint
 from seq2seq.config import TrainConfig, load_recipe
-from seq2seq.data import read_parallel
+from seq2seq.data import TokenBatchSampler, collate, encode_pairs, read_parallel
 from seq2seq.inference import best_text, load_model, translate_lines
 from seq2seq.tasks import make_task
 from seq2seq.tokenizer import load_tokenizer, train_tokenizer
@@ -106,6 +106,76 @@ def test_lm_resume_equals_uninterrupted_training(tmp_path, lm_text):
     train(lm_recipe(lm_text, "train.max_steps=12", "train.schedule=constant"), tmp_path / "b",
           resume=True)
     assert_same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+# The toy task with two-letter symbols and a SentencePiece model: words have several segmentations.
+SUBWORD = ("tokenizer.kind=sentencepiece", "tokenizer.vocab_size=100", "data.toy_vocab=40",
+           "data.toy_train_size=200", "train.max_tokens=300")
+
+
+def _encoded_task(recipe, ctx=SINGLE, tokenizer=None):
+    task = make_task(recipe, ctx)
+    tokenizer = tokenizer or train_tokenizer(task.tokenizer_texts(), recipe.tokenizer)
+    task.encode(tokenizer)
+    return task, tokenizer
+
+
+def test_without_subword_sampling_the_batches_are_unchanged():
+    """alpha = 0: the batches of the best segmentation, epoch after epoch, as before sampling."""
+    recipe = toy_recipe(*SUBWORD)
+    task, tokenizer = _encoded_task(recipe)
+    steps = 2 * task.steps_per_epoch + 3
+    got = [task.next_step()[0] for _ in range(steps)]
+    encoded = encode_pairs(task.train_pairs, tokenizer, recipe.data.max_length)
+    sampler = TokenBatchSampler(encoded.src_lengths, encoded.tgt_lengths, recipe.train.max_tokens,
+                                seed=recipe.train.seed)
+    expected: list[list[int]] = []
+    while len(expected) < steps:
+        expected += list(sampler)
+    for batch, indices in zip(got, expected, strict=False):
+        assert torch.equal(batch.src, collate(encoded, indices).src)
+        assert torch.equal(batch.tgt_out, collate(encoded, indices).tgt_out)
+    sampled, _ = _encoded_task(toy_recipe(*SUBWORD, "tokenizer.sampling_alpha=0.3"), SINGLE,
+                               tokenizer)
+    assert any(not torch.equal(sampled.next_step()[0].src, batch.src) for batch in got[:5])
+
+
+def test_subword_sampling_is_per_epoch_and_the_same_on_every_rank():
+    recipe = toy_recipe(*SUBWORD, "tokenizer.sampling_alpha=0.3")
+    ranks = [dist.DistContext(rank, 2, rank, torch.device("cpu")) for rank in range(2)]
+    first, tokenizer = _encoded_task(recipe, ranks[0])
+    tasks = [first, _encoded_task(recipe, ranks[1], tokenizer)[0]]
+    segmentations = []
+    for epoch in range(2):
+        batches = [task.next_step()[0] for task in tasks]  # the first step samples the epoch
+        assert tasks[0].train == tasks[1].train
+        for _ in range(tasks[0].steps_per_epoch - 1):
+            batches += [task.next_step()[0] for task in tasks]
+        assert [task.epoch for task in tasks] == [epoch + 1] * 2
+        # Together the ranks saw every example of this epoch's segmentation once.
+        assert sum(b.num_tgt_tokens for b in batches) == sum(len(y) + 1 for y in tasks[0].train.tgt)
+        segmentations.append(tasks[0].train)
+    best = first.best_train
+    assert segmentations[0].kept == segmentations[1].kept == best.kept
+    assert segmentations[0].tgt != segmentations[1].tgt != best.tgt
+    again, _ = _encoded_task(recipe, ranks[0], tokenizer)  # a second run with the same seed
+    again.next_step()
+    assert again.train == segmentations[0]
+
+
+def test_subword_sampling_resume_equals_uninterrupted_training(tmp_path):
+    """Stopped inside the second epoch, the resumed run re-samples that epoch's segmentation,
+    continues at the same batch and crosses into the third epoch like the uninterrupted run."""
+    settings = [*SUBWORD, "tokenizer.sampling_alpha=0.3", "model.dropout=0.2",
+                "model.hidden_size=32", "train.schedule=constant"]
+    train(toy_recipe(*settings, "train.max_steps=25"), tmp_path / "straight")
+    train(toy_recipe(*settings, "train.max_steps=14"), tmp_path / "resumed")
+    stopped = load_checkpoint(tmp_path / "resumed" / "last.pt")["data_position"]["sampler"]
+    assert stopped["epoch"] == 1 and stopped["position"] > 0
+    train(toy_recipe(*settings, "train.max_steps=25"), tmp_path / "resumed", resume=True)
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert straight["data_position"]["sampler"]["epoch"] == 2
+    assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "resumed" / "last.pt")
 
 
 def test_existing_run_and_missing_resume_are_clear_errors(tmp_path, lm_run, lm_text):
