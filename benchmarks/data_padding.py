@@ -7,7 +7,8 @@ tgt_in / tgt_out that hold PAD, over all cells (B*S + B*T per batch).
 
     python benchmarks/data_padding.py [MULTI30K_DIR]
 
-The last line printed is a one-line JSON summary.
+The machine (CPU, ISA, fp32 matmul peak) is printed first; the last line printed is a one-line
+JSON summary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from machine import describe_machine, machine_line
 
 from seq2seq.config import DataConfig, TokenizerConfig
 from seq2seq.data import TokenBatchSampler, collate, encode_pairs, read_parallel
@@ -58,6 +61,8 @@ def epoch_figures(data, max_tokens: int, world_size: int) -> dict:
 def main() -> None:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_ROOT
     config = DataConfig(root=str(root))
+    machine = describe_machine()
+    print(machine_line(machine))
     start = time.perf_counter()
     pairs = read_parallel(config, "train")
     load_s = time.perf_counter() - start
@@ -87,7 +92,8 @@ def main() -> None:
                   f"sample+collate {figures['epoch_sample_collate_s']} s/epoch")
     print(json.dumps({"pairs": len(pairs), "load_s": round(load_s, 3),
                       "tokenizer_train_s": round(train_s, 1), "encode_s": round(encode_s, 2),
-                      "vocab_size": tokenizer.vocab_size, "results": results}))
+                      "vocab_size": tokenizer.vocab_size, "machine": machine,
+                      "results": results}))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,20 @@ Figures per configuration: sentences/s decode-only (wall time around the decode 
 an untimed warm-up on 8 sentences; with a checkpoint it includes the source tokenisation inside
 translate_lines, ~1% of it), tokens/s = (source pieces without EOS + best hypothesis' pieces
 without EOS) / decode time, and peak RSS (getrusage maxrss: the process-wide peak so far, so the
-int8 rows include the fp32 model). The last line printed is one JSON object with every figure and
-the peers' (PEERS.md, OpenNMT-py batch 64, decode-only) with our ratio to them.
+int8 rows include the fp32 model). The machine (CPU, ISA, the fp32 matmul peak measured in this
+run) is printed first. The last line printed is one JSON object with every figure.
+
+A ratio to the OpenNMT-py peer is printed only for the beams given a ``--peer-summary``: a
+``summary.txt`` of ``../shared/peers/translate_onmt.sh`` decoded on this machine in this session
+(its beam size is read from the file; the ratio is to its decode-only sentences/s).
 
     /work/venv/bin/python benchmarks/decode_speed.py                       # random weights
     /work/venv/bin/python benchmarks/decode_speed.py --int8 --threads 2
     /work/venv/bin/python benchmarks/decode_speed.py --checkpoint runs/x/best.pt --int8
     /work/venv/bin/python benchmarks/decode_speed.py --sentences 40 --threads 1   # smoke test
+    /work/venv/bin/python benchmarks/decode_speed.py --checkpoint runs/x/best.pt \\
+        --peer-summary ~/peers/runs/onmt_20m/decode/beam5_b64/summary.txt \\
+        --peer-summary ~/peers/runs/onmt_20m/decode/beam1_b64/summary.txt
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from machine import describe_machine, machine_line  # noqa: E402
+from peers import PeerFileError, decode_summaries_by_beam  # noqa: E402
 from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 
 from seq2seq.config import DecodeConfig, ModelConfig, Recipe, TokenizerConfig  # noqa: E402
@@ -57,9 +66,6 @@ from seq2seq.search import decode as search_decode  # noqa: E402
 from seq2seq.tokenizer import BOS, PAD, train_tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # <repo>/../shared
-# PEERS.md, "Decoding test_2016_flickr": OpenNMT-py (the best peer), batch 64, decode-only.
-PEERS = {5: {"tool": "OpenNMT-py", "batch": 64, "sentences_per_s": 38.8, "whole_process": 31.5},
-         1: {"tool": "OpenNMT-py", "batch": 64, "sentences_per_s": 97.1, "whole_process": 61.9}}
 
 
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")  # int8 LSTM, torch 2.x
@@ -135,11 +141,24 @@ def run_config(loaded: LoadedModel, precision: str, beam: int, data: dict,
     if refs is not None and caps is None:  # BLEU of random weights means nothing
         scores = score_corpus([loaded.tokenizer.decode(t) for t in tokens], refs)
         result["bleu"], result["chrf"] = round(scores["bleu"], 2), round(scores["chrf"], 2)
-    peer = PEERS.get(beam)
-    result["peer_sentences_per_s"] = peer["sentences_per_s"] if peer else None
-    result["ratio_to_peer"] = round(result["sentences_per_s"] / peer["sentences_per_s"], 2) \
-        if peer else None
     return result
+
+
+def peer_ratio(result: dict, peer: dict) -> dict:
+    """Our decode-only sentences/s over the peer's, when both decoded the same sentences."""
+    figures = {"peer": peer["path"], "peer_batch": peer.get("batch"),
+               "peer_sentences_per_s": peer.get("sentences_per_s_gen"),
+               "peer_sentences_per_s_wall": peer.get("sentences_per_s_wall"),
+               "ratio_to_peer": None}
+    if peer["sentences"] != result["sentences"]:
+        figures["note"] = (f"no ratio: the peer decoded {peer['sentences']} sentences, "
+                           f"this run {result['sentences']}")
+    elif not figures["peer_sentences_per_s"]:
+        figures["note"] = "no ratio: the peer summary has no decode-only time (gen_s NA)"
+    else:
+        figures["ratio_to_peer"] = round(result["sentences_per_s"]
+                                         / figures["peer_sentences_per_s"], 2)
+    return figures
 
 
 def parse_args() -> argparse.Namespace:
@@ -159,12 +178,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer-sentences", type=int, default=1_000_000,
                         help="random weights: sentences sampled to train the tokenizer")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--peer-summary", type=Path, action="append", default=[],
+                        help="a translate_onmt.sh summary.txt from this machine (repeatable, one "
+                        "per beam): print our ratio to it")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    try:  # read first: a bad file fails fast
+        peers = decode_summaries_by_beam(args.peer_summary)
+    except PeerFileError as error:
+        raise SystemExit(str(error)) from None
     torch.set_num_threads(args.threads)
+    machine = describe_machine(device=args.device)
+    print(machine_line(machine))
     source = args.source or args.data / "test_2016_flickr.de.gz"
     reference = args.reference or args.data / "test_2016_flickr.en.gz"
     lines = read_lines(source)[: args.sentences]
@@ -187,6 +215,8 @@ def main() -> None:
     for precision, model in models:
         for beam in (int(b) for b in args.beams.split(",")):
             result = run_config(model, precision, beam, data, base)
+            if beam in peers:
+                result.update(peer_ratio(result, peers[beam]))
             print(" ".join(f"{key}={value}" for key, value in result.items()))
             results.append(result)
     summary = {"weights": str(args.checkpoint) if args.checkpoint else "random",
@@ -195,7 +225,9 @@ def main() -> None:
                "max_tokens_per_batch": base.max_tokens_per_batch,
                "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "tokens_counted": "source pieces without EOS + best hypothesis pieces without EOS",
-               "configs": results, "peers": {f"beam{b}": p for b, p in PEERS.items()}}
+               "machine": machine, "configs": results}
+    if peers:
+        summary["peers"] = {f"beam{beam}": peer for beam, peer in sorted(peers.items())}
     print(json.dumps(summary))
 
 if __name__ == "__main__":

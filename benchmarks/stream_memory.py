@@ -8,7 +8,7 @@ per sentence, so no per-beam copies of varying shapes are made at every step.
 
 The input repeats the toy task's validation sources (with an empty line every 97 lines), so any
 checkpoint of the toy recipe works; without ``--checkpoint`` one is trained first (about a minute).
-The last line is one JSON object.
+The machine (CPU, ISA, fp32 matmul peak) is printed first; the last line is one JSON object.
 
     python benchmarks/stream_memory.py                          # trains a toy model first
     python benchmarks/stream_memory.py --checkpoint runs/toy/best.pt --lines 1000 10000 100000
@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe_machine, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a toy-recipe checkpoint (default: train)")
     parser.add_argument("--lines", type=int, nargs="+", default=[1000, 10000, 100000])
     args = parser.parse_args()
+    machine = describe_machine()
+    print(machine_line(machine))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -86,7 +90,7 @@ def main() -> None:
             print(f"{lines:>7,} lines: peak RSS {figures['peak_rss_mib']:6.0f} MiB, "
                   f"{figures['seconds']:6.1f} s, {figures['lines_out']:,} lines out"
                   f"{'' if ok else '  (MISMATCH)'}", flush=True)
-    print(json.dumps({"benchmark": "stream_memory", "results": results}))
+    print(json.dumps({"benchmark": "stream_memory", "machine": machine, "results": results}))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 One step = forward, label-smoothed cross-entropy (PAD ignored), backward, gradient clipping, Adam.
 Reports source+target tokens/s (non-padding, as NVIDIA's GNMT tables count), matmul FLOPs per
 token counted analytically (``Seq2Seq.flops_per_token``: 2*in*out per linear / gate matmul,
-attention scores and context, output layer; training = 3x forward), and MFU against a fp32 matmul
-peak (``torch.mm`` of 2048x2048) measured in the same run on the same threads, right after every
-timed step (the CPU may be shared): ``mfu_median`` is the median over steps of each step's FLOP/s
-over its own peak; ``mfu_vs_best_peak`` divides the overall FLOP/s by the best peak seen.
+attention scores and context, output layer; training = 3x forward), and MFU against the fp32
+matmul peak of ``seq2seq.train.matmul_peak_flops`` (the one the trainer reports MFU against)
+measured in the same run on the same threads, right after every timed step (the CPU may be
+shared): ``mfu_median`` is the median over steps of each step's FLOP/s over its own peak;
+``mfu_vs_best_peak`` divides the overall FLOP/s by the best peak seen. The machine (CPU, ISA and
+that best peak) is printed before the JSON and recorded in it.
 
     /work/venv/bin/python benchmarks/train_speed.py --steps 4 --threads 2
     /work/venv/bin/python benchmarks/train_speed.py --output-projection off --profile
@@ -32,23 +34,14 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from machine import describe_machine, machine_line  # noqa: E402
 
 from seq2seq.config import ModelConfig  # noqa: E402
 from seq2seq.model import Seq2Seq, build_model  # noqa: E402
 from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
+from seq2seq.train import matmul_peak_flops  # noqa: E402
 
-
-def matmul_peak(seconds: float = 0.5, size: int = 2048) -> float:
-    """Best fp32 GFLOP/s of ``torch.mm`` (size x size) over repeated windows of 2 products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        for _ in range(2):
-            torch.mm(a, b)
-        best = max(best, 2 * 2 * size**3 / (time.perf_counter() - t0) / 1e9)
-    return best
+CPU = torch.device("cpu")
 
 
 def make_batches(num_batches: int, target_tokens: int, vocab: int, seed: int) -> list[dict]:
@@ -131,7 +124,7 @@ def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) 
         train_step(model, optimizer, batch)
         elapsed = time.perf_counter() - start
         seconds += elapsed
-        peaks.append(matmul_peak())
+        peaks.append(matmul_peak_flops(CPU) / 1e9)
         mfus.append(batch_flops(model, batch) / elapsed / 1e9 / peaks[-1])
         hardware.append(batch_flops(model, batch, padded=True) / elapsed / 1e9 / peaks[-1])
     if args.profile:
@@ -180,8 +173,11 @@ def main() -> None:
     results = [run_config(args, projection, batches) for projection in projections]
     for result in results:
         print(" ".join(f"{key}={value}" for key, value in result.items()))
+    best_peak = max(result["matmul_peak_gflops"] for result in results) * 1e9
+    machine = describe_machine(peak_flops=best_peak)
+    print(machine_line(machine))
     summary = {"threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-               "configs": results}
+               "machine": machine, "configs": results}
     print(json.dumps(summary))
 
 
