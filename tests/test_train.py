@@ -4,7 +4,6 @@ process, and bad situations (non-finite losses, killed processes) are survived o
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import signal

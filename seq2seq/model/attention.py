@@ -6,10 +6,11 @@ GNMT v2, but is stored as ``scale = g / sqrt(units)``: Adam moves a parameter by
 learning rate per step whatever its size, so a bare ``g`` needs thousands of steps to sharpen the
 attention from uniform, while ``scale`` moves ``g`` about as fast as the unnormalised ``v`` of plain
 Bahdanau attention would (``sqrt(units)`` times faster). Early in training that is the difference
-between a decoder that reads the source and one that is still a language model of the target. The keys ``W_k k + b`` are projected once
-per source sentence (:meth:`BahdanauAttention.keys`), then every query — all target positions at
-once in training (B,T,H), one position in decoding (N,1,H) — is one batched computation. The module
-holds parameters only, never decoding state.
+between a decoder that reads the source and one that is still a language model of the target.
+
+The keys ``W_k k + b`` are projected once per source sentence (:meth:`BahdanauAttention.keys`),
+then every query — all target positions at once in training (B,T,H), one position in decoding
+(N,1,H) — is one batched computation. The module holds parameters only, never decoding state.
 
 The additive score needs ``tanh`` over a (B, T, S, A) tensor: about 60M floats (230 MB) for a
 4,000-token batch, several times over in plain autograd (sum, tanh, its gradient, the outer

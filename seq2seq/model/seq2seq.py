@@ -157,7 +157,7 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V)."""
         memory, mask = self.encode(src, src_lengths)
-        bottom, upper = self.initial_state(memory, mask) if self.bridge is not None else (None, None)
+        bottom, upper = (None, None) if self.bridge is None else self.initial_state(memory, mask)
         logits, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask, bottom,
                                       upper)
         return logits
