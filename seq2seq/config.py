@@ -80,6 +80,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # share source, target and output embeddings
     output_projection: bool = True  # project [top; context] to embed_dim before the classifier
     bridge: bool = False  # decoder starts from a projection of the mean encoder output, not zeros
+    target_vocabulary: bool = False  # classifier scores only pieces seen on the target side
     init_scale: float = 0.1  # uniform initialisation range
 
 
@@ -288,6 +289,9 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError("decode.n_best must be between 1 and decode.beam_size")
     if recipe.data.task == "lm" and recipe.data.format not in ("text", "hf"):
         raise ConfigError("data.format must be 'text' (or 'hf') when data.task = 'lm'")
+    if model.target_vocabulary and recipe.data.task != "translation":
+        raise ConfigError("model.target_vocabulary applies to data.task = 'translation' only "
+                          "(a language model's input and output are one vocabulary)")
     _validate_sampling(recipe)
 
 
@@ -303,6 +307,9 @@ def _validate_sampling(recipe: Recipe) -> None:
     if tokenizer.sampling_alpha > 0 and tokenizer.kind != "sentencepiece":
         raise ConfigError("tokenizer.sampling_alpha > 0 needs tokenizer.kind = 'sentencepiece' "
                           f"(it is {tokenizer.kind!r}); set tokenizer.sampling_alpha = 0")
+    if tokenizer.sampling_alpha > 0 and recipe.model.target_vocabulary:
+        raise ConfigError("tokenizer.sampling_alpha > 0 samples pieces outside the target "
+                          "vocabulary that model.target_vocabulary = true keeps; turn one off")
     if tokenizer.sampling_alpha > 0 and recipe.data.task != "translation":
         raise ConfigError("tokenizer.sampling_alpha > 0 applies to data.task = 'translation' "
                           "only; set tokenizer.sampling_alpha = 0")

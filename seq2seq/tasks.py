@@ -21,7 +21,7 @@ from seq2seq.config import Recipe
 from seq2seq.distributed import DistContext
 from seq2seq.evaluate import perplexity, score_corpus
 from seq2seq.inference import encode_source, translate_ids
-from seq2seq.tokenizer import PAD, SentencePieceTokenizer, Tokenizer
+from seq2seq.tokenizer import EOS, PAD, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ def token_losses(logits: torch.Tensor, target: torch.Tensor,
     return smoothed, nll.detach()
 
 
+def _columns(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
+    """Target ids -> the logit columns of a model that may score a target vocabulary only."""
+    return getattr(model, "module", model).output.positions(target)
+
+
 class Task(Protocol):
     @property
     def epoch(self) -> int: ...
@@ -49,6 +54,7 @@ class Task(Protocol):
 
     def tokenizer_texts(self) -> Iterator[str]: ...
     def encode(self, tokenizer: Tokenizer) -> None: ...
+    def output_vocabulary(self) -> torch.Tensor | None: ...
     def next_step(self) -> list[Any]: ...
     def target_tokens(self, batch: Any) -> int: ...
     def all_tokens(self, batch: Any) -> int: ...
@@ -128,10 +134,18 @@ class TranslationTask:
     def all_tokens(self, batch: data.Batch) -> int:
         return batch.num_src_tokens + batch.num_tgt_tokens
 
+    def output_vocabulary(self) -> torch.Tensor:
+        """The ids the training targets use (EOS included): the model's target vocabulary."""
+        seen = torch.zeros(self.tokenizer.vocab_size, dtype=torch.bool)
+        for ids in self.best_train.tgt:
+            seen[ids] = True
+        seen[EOS] = True
+        return seen.nonzero().squeeze(1)
+
     def loss(self, model: nn.Module, batch: data.Batch,
              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-        return token_losses(logits, batch.tgt_out, smoothing)
+        return token_losses(logits, _columns(model, batch.tgt_out), smoothing)
 
     @torch.inference_mode()
     def validate(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]:
@@ -143,7 +157,7 @@ class TranslationTask:
         for indices in sampler:
             batch = data.collate(self.valid, indices).to(self.ctx.device)
             nll += token_losses(model(batch.src, batch.src_lengths, batch.tgt_in),
-                                batch.tgt_out, 0.0)[1].item()
+                                _columns(model, batch.tgt_out), 0.0)[1].item()
             tokens += batch.num_tgt_tokens
         sources = [encode_source(self.tokenizer, s, recipe.data.max_length)
                    for s, _ in self.valid_pairs]
@@ -176,6 +190,10 @@ class LanguageModelTask:
 
     def tokenizer_texts(self) -> Iterator[str]:
         yield self.train_text
+
+    def output_vocabulary(self) -> None:
+        """The LM predicts its whole vocabulary."""
+        return None
 
     def encode(self, tokenizer: Tokenizer) -> None:
         config, world = self.recipe.train, self.ctx.world_size

@@ -142,6 +142,8 @@ class Trainer:
         self.task, self.tokenizer, self.on_log = task, tokenizer, on_log
         torch.manual_seed(self.config.seed)
         self.model = build_model(recipe.model, tokenizer.vocab_size, recipe.data.task)
+        if recipe.model.target_vocabulary:
+            self.model.output.restrict(task.output_vocabulary())
         self.model.to(ctx.device)
         self.ddp: nn.Module = self.model
         if ctx.world_size > 1:
@@ -191,10 +193,15 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.progress.step)
 
     def warm_start(self, weights: dict[str, torch.Tensor], path: Path) -> None:
-        """Start from a checkpoint's weights with this run's fresh optimizer and step 0."""
-        ckpt.check_weights_fit(path, weights, self.model.state_dict(), "set the recipe's model.* "
-                               "keys (and data.task) as in the checkpoint's recipe")
-        self.model.load_state_dict(weights)
+        """Start from a checkpoint's weights with this run's fresh optimizer and step 0. The
+        target vocabulary (``output.target_mask``) stays this run's, from its own data."""
+        def trainable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v for k, v in state.items() if k != "output.target_mask"}
+
+        weights = trainable(weights)
+        fix = "set the recipe's model.* keys (and data.task) as in the checkpoint's recipe"
+        ckpt.check_weights_fit(path, weights, trainable(self.model.state_dict()), fix)
+        self.model.load_state_dict(weights, strict=False)
         log.info("initialised from the weights of %s; optimizer and schedule start at step 0",
                  path)
 

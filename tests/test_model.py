@@ -130,6 +130,47 @@ def test_padding_changes_nothing_at_real_positions(bridge):
     assert memory[~mask].abs().sum() == 0
 
 
+def test_target_vocabulary_scores_only_its_ids_and_steps_match_teacher_forcing():
+    """A restricted classifier gives logits over the kept ids (specials always kept); the full
+    model's log-probs at those ids, renormalised over them, are what step() returns there, with
+    -inf at every other id; positions() maps ids to columns and unknown ids to UNK's."""
+    model = translation(target_vocabulary=True)
+    kept = torch.tensor([5, 7, 8, 11])
+    model.output.restrict(kept)
+    ids = model.output.target_ids()
+    assert ids.tolist() == [0, 1, 2, 3, 5, 7, 8, 11]
+    assert model.output.positions(torch.tensor([[0, 3, 5, 11], [8, 6, 12, 7]])).tolist() == \
+        [[0, 3, 4, 7], [6, 1, 1, 5]]
+    src, lengths = source_batch()
+    tgt = target_batch().clamp(max=8)
+    with torch.no_grad():
+        logits = model(src, lengths, tgt)  # (B, T, V')
+        assert logits.shape == (3, 5, len(ids))
+        full = translation(target_vocabulary=True)  # same seed: the same weights, all ids
+        torch.testing.assert_close(logits, full(src, lengths, tgt)[..., ids])
+        expected = F.log_softmax(logits, dim=-1)
+        state = model.start(src, lengths)
+        for t in range(tgt.size(1)):
+            log_probs, state = model.step(tgt[:, t], state)
+            assert log_probs.shape == (3, VOCAB)
+            torch.testing.assert_close(log_probs[:, ids], expected[:, t], atol=1e-5, rtol=0)
+            others = torch.ones(VOCAB, dtype=torch.bool)
+            others[ids] = False
+            assert torch.isneginf(log_probs[:, others]).all()
+
+
+def test_target_vocabulary_travels_with_the_weights():
+    model = translation(target_vocabulary=True)
+    model.output.restrict(torch.tensor([6, 9]))
+    other = translation(target_vocabulary=True)
+    assert other.output.target_ids().numel() == VOCAB
+    other.load_state_dict(model.state_dict())
+    assert other.output.target_ids().tolist() == [0, 1, 2, 3, 6, 9]
+    assert other.output.flops() == 2 * 6 * 12 + 2 * 32 * 12  # classifier rows + projection
+    with pytest.raises(ValueError, match="without a target vocabulary"):
+        translation().output.restrict(torch.tensor([6]))
+
+
 def test_bridge_starts_the_decoder_from_the_source():
     """With the bridge two sources give the decoder different first states (from the mean encoder
     output, padding excluded); without it the first state is zero whatever the source."""
@@ -363,11 +404,14 @@ def test_step_lstm_is_the_same_function_as_the_fused_lstm():
         StepLSTM.from_lstm(torch.nn.LSTM(6, 8, num_layers=2, batch_first=True))
 
 
-def test_int8_model_quantises_decoder_lstms_and_stays_close():
+@pytest.mark.parametrize("target_vocabulary", [False, True])
+def test_int8_model_quantises_decoder_lstms_and_stays_close(target_vocabulary):
     from seq2seq.model import quantize_int8
     from seq2seq.model.quantize import StepLSTM
 
-    model = translation().eval()
+    model = translation(target_vocabulary=target_vocabulary).eval()
+    if target_vocabulary:
+        model.output.restrict(torch.tensor([4, 5, 9, 10]))
     int8 = quantize_int8(model)
     assert all(isinstance(layer, StepLSTM) for layer in int8.decoder_upper.layers)
     assert isinstance(int8.decoder_bottom.layers[0], StepLSTM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -375,3 +376,28 @@ def test_warm_start_takes_weights_and_tokenizer_and_restarts_the_schedule(toy_ru
 def test_init_from_with_resume_is_refused(toy_run, tmp_path):
     with pytest.raises(TrainingError, match="--init-from .* cannot be combined with --resume"):
         train(toy_recipe(), tmp_path, resume=True, init_from=toy_run / "last.pt")
+
+
+def test_target_vocabulary_is_the_training_targets_ids_and_survives_the_checkpoint(tmp_path):
+    """model.target_vocabulary: the classifier keeps the ids of the training targets (plus the
+    special ids), not the source side's; the checkpoint carries them and decoding emits nothing
+    else. Sources are lowercase words, targets the same words in uppercase."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefgh", k=rng.randint(2, 4))) for _ in range(30)]
+    for name, count in (("train.tsv", 300), ("valid.tsv", 20)):
+        rows = [" ".join(rng.choices(words, k=rng.randint(2, 5))) for _ in range(count)]
+        (tmp_path / name).write_text("".join(f"{r}\t{r.upper()}\n" for r in rows))
+    recipe = toy_recipe("data.format=tsv", f"data.root={tmp_path}", "data.train=train.tsv",
+                        "data.valid=valid.tsv", "data.test=valid.tsv",
+                        "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=60",
+                        "model.target_vocabulary=true", "train.max_steps=30")
+    task, tokenizer = _encoded_task(recipe)
+    seen = sorted({i for ids in task.train.tgt for i in ids} | {3})
+    assert task.output_vocabulary().tolist() == seen
+    assert set(tokenizer.encode("abcdefgh")) - set(seen)  # lowercase pieces are no targets
+    train(recipe, tmp_path / "run")
+    loaded = load_model(tmp_path / "run" / "last.pt")
+    kept = loaded.model.output.target_ids().tolist()
+    assert kept == sorted(set(seen) | {0, 1, 2, 3})
+    hyps = translate_lines(loaded, [s for s, _ in task.valid_pairs], recipe.decode)
+    assert all(set(h[0].tokens) <= set(kept) for h in hyps)

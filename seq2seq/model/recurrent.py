@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seq2seq.tokenizer import SPECIALS
+
 State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (B, L, H)
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 GATES = {"lstm": 4, "gru": 3}
@@ -136,16 +138,24 @@ class BidirectionalLayer(nn.Module):
 
 
 class OutputLayer(nn.Module):
-    """Features (..., F) -> logits (..., V) over the real vocabulary.
+    """Features (..., F) -> logits (..., V) over the real vocabulary, or (..., V') over the
+    target vocabulary when ``target_vocabulary`` is on.
 
     With ``project``, a Linear maps the features to ``embed_dim`` first (no nonlinearity) and the
     classifier weight is ``embedding.weight`` when ``tie`` (shared storage). Without ``project`` the
     classifier has its own (V_pad, F) weight: F (e.g. [top; context]) is not the embedding width.
     The classifier runs over the padded vocabulary and the padding columns are sliced off.
+
+    ``target_vocabulary``: a joint source+target vocabulary holds pieces the target language never
+    uses (about half of a joint 8k German-English one). :meth:`restrict` keeps the ids seen on the
+    target side of the training data (``target_mask``, saved with the weights) and the classifier
+    scores only those, in id order: ``logits[..., j]`` is id ``target_ids()[j]``. The special ids
+    0-3 are always kept, so they keep their positions and PAD stays the ignored class. Training then
+    computes about half the classifier, and :meth:`full_width` gives decoding its (N, V) rows.
     """
 
     def __init__(self, features: int, embedding: nn.Embedding, vocab_size: int, project: bool,
-                 tie: bool, dropout: float, init_scale: float):
+                 tie: bool, dropout: float, init_scale: float, target_vocabulary: bool = False):
         super().__init__()
         padded, embed_dim = embedding.weight.shape
         self.vocab_size = vocab_size
@@ -160,32 +170,76 @@ class OutputLayer(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(padded, width).uniform_(-init_scale, init_scale))
         self.bias = nn.Parameter(torch.zeros(padded))
+        # every id until restrict() is told the target side's; None: the whole vocabulary
+        mask = torch.ones(vocab_size, dtype=torch.bool) if target_vocabulary else None
+        self.register_buffer("target_mask", mask)
         self.int8_classifier: nn.Module | None = None  # set by quantize_classifier()
+
+    def restrict(self, ids: Tensor) -> None:
+        """Score only ``ids`` (and the special ids 0-3) from now on."""
+        if self.target_mask is None:
+            raise ValueError("this output layer was built without a target vocabulary")
+        mask = torch.zeros_like(self.target_mask)
+        mask[ids.to(mask.device)] = True
+        mask[: len(SPECIALS)] = True
+        self.target_mask.copy_(mask)
+
+    def target_ids(self) -> Tensor | None:
+        """The ids the classifier scores, ascending, or None for the whole vocabulary."""
+        return None if self.target_mask is None else self.target_mask.nonzero().squeeze(1)
+
+    def positions(self, ids: Tensor) -> Tensor:
+        """Vocabulary ids (any shape) -> their logit columns; ids outside the target
+        vocabulary map to UNK's column (it is column 1, as UNK is id 1)."""
+        if self.target_mask is None:
+            return ids
+        column = torch.cumsum(self.target_mask, 0) - 1
+        return torch.where(self.target_mask[ids], column[ids], torch.ones_like(ids))
+
+    def full_width(self, log_probs: Tensor) -> Tensor:
+        """(N, V') log-probs over the target vocabulary -> (N, V), -inf at the other ids."""
+        ids = self.target_ids()
+        if ids is None:
+            return log_probs
+        full = log_probs.new_full((log_probs.size(0), self.vocab_size), float("-inf"))
+        return full.index_copy_(1, ids, log_probs)
 
     def quantize_classifier(self) -> None:
         """Use a dynamic int8 copy of the classifier (CPU inference; the largest matmul)."""
         from torch.ao.quantization import quantize_dynamic
 
-        linear = nn.Linear(self.weight.shape[1], self.weight.shape[0])
-        linear.weight = nn.Parameter(self.weight.detach().clone())
-        linear.bias = nn.Parameter(self.bias.detach().clone())
+        weight, bias = self._classifier()
+        linear = nn.Linear(weight.shape[1], weight.shape[0])
+        linear.weight = nn.Parameter(weight.detach().clone())
+        linear.bias = nn.Parameter(bias.detach().clone())
         self.int8_classifier = quantize_dynamic(nn.Sequential(linear), {nn.Linear},
                                                 dtype=torch.qint8)[0]
 
+    def _classifier(self) -> tuple[Tensor, Tensor]:
+        """The classifier's (rows, width) weight and bias: the target vocabulary's rows, or
+        every padded row."""
+        ids = self.target_ids()
+        if ids is None:
+            return self.weight, self.bias
+        return self.weight.index_select(0, ids), self.bias.index_select(0, ids)
+
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., F) -> logits (..., V)."""
+        """x (..., F) -> logits (..., V), or (..., V') with a target vocabulary."""
         x = self.dropout(x)
         if self.project is not None:
             x = self.project(x)
         if self.int8_classifier is not None:
             logits = self.int8_classifier(x)
         else:
-            logits = F.linear(x, self.weight, self.bias)
-        return logits if logits.size(-1) == self.vocab_size else logits[..., : self.vocab_size]
+            logits = F.linear(x, *self._classifier())
+        if self.target_mask is not None or logits.size(-1) == self.vocab_size:
+            return logits
+        return logits[..., : self.vocab_size]
 
     def flops(self) -> int:
-        """Forward matmul FLOPs per token (projection + classifier over the padded vocabulary)."""
-        flops = 2 * self.weight.numel()
+        """Forward matmul FLOPs per token (projection + classifier over the rows it scores)."""
+        rows = self.weight.shape[0] if self.target_mask is None else int(self.target_mask.sum())
+        flops = 2 * rows * self.weight.shape[1]
         if self.project is not None:
             flops += 2 * self.project.weight.numel()
         return flops

@@ -107,7 +107,7 @@ class Seq2Seq(nn.Module):
                                             c.dropout, c.init_scale, extra_size=hidden,
                                             residual_from=1)
         self.output = OutputLayer(2 * hidden, self.tgt_embed, vocab_size, c.output_projection,
-                                  c.tie_embeddings, c.dropout, c.init_scale)
+                                  c.tie_embeddings, c.dropout, c.init_scale, c.target_vocabulary)
         parts = 2 if c.cell == "lstm" else 1  # (h, c) or (h,)
         self.bridge = nn.Linear(hidden, parts * c.decoder_layers * hidden) if c.bridge else None
         if self.bridge is not None:
@@ -155,7 +155,8 @@ class Seq2Seq(nn.Module):
         return logits, weights, bottom, upper
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V)."""
+        """Teacher forcing: src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V), or
+        (B,T,V') over the target vocabulary (``self.output.positions`` maps ids to columns)."""
         memory, mask = self.encode(src, src_lengths)
         bottom, upper = (None, None) if self.bridge is None else self.initial_state(memory, mask)
         logits, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask, bottom,
@@ -184,7 +185,7 @@ class Seq2Seq(nn.Module):
         attention = weights[:, 0].float()  # (N, S)
         new = dataclasses.replace(state, bottom=bottom, upper=upper,
                                   coverage=state.coverage + attention, attention=attention)
-        return step_log_probs(logits), new
+        return self.output.full_width(step_log_probs(logits)), new
 
     def flops_per_token(self, src_len: float = 14.0, tgt_len: float | None = None,
                         training: bool = True) -> float:
