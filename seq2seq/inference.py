@@ -106,6 +106,15 @@ def check_decode_options(config: DecodeConfig) -> None:
     if not 1 <= config.n_best <= config.beam_size:
         raise InferenceError(f"n-best ({config.n_best}) must be between 1 and the beam size "
                              f"({config.beam_size})")
+    if config.temperature < 0:
+        raise InferenceError(f"temperature must be at least 0 (0 = greedy), got "
+                             f"{config.temperature}")
+    if config.top_k < 0:
+        raise InferenceError(f"top-k must be at least 0 (0 = off), got {config.top_k}")
+    if not 0 < config.top_p <= 1:
+        raise InferenceError(f"top-p must be in (0, 1] (1 = off), got {config.top_p}")
+    if config.max_new_tokens < 1:
+        raise InferenceError(f"max-new-tokens must be at least 1, got {config.max_new_tokens}")
 
 
 def translation_max_lengths(src_lengths: torch.Tensor, config: DecodeConfig) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -10,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from seq2seq.checkpoint import load_checkpoint
+from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.cli import app
 from seq2seq.data import read_parallel
 from seq2seq.inference import load_model
@@ -143,19 +145,67 @@ def test_generate_streams_a_sample_and_seeds_reproduce(lm_run):
     assert several.stdout.count("--- sample") == 2
 
 
-def test_train_tokenizer_average_and_plot_commands(tmp_path, lm_text, lm_run):
+def test_train_tokenizer_and_plot_commands(tmp_path, lm_text, lm_run):
     result = invoke("tokenizer", "train", RECIPES / "tinyshakespeare_char.toml", "--out",
                     tmp_path / "tok", "--set", f"data.text={lm_text}")
     assert result.exit_code == 0, result.output
     assert "entries" in result.stdout and (tmp_path / "tok" / "tokenizer.char").exists()
-    average = tmp_path / "avg.pt"
-    result = invoke("average-checkpoints", lm_run / "best.pt", lm_run / "last.pt",
-                    "--output", average)
-    assert result.exit_code == 0, result.output
-    assert load_model(average).recipe.data.task == "lm"
     result = invoke("plot", lm_run, "--output", tmp_path / "curves.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_average_checkpoints_writes_the_exact_mean_of_different_weights(lm_run, tmp_path):
+    first = load_checkpoint(lm_run / "last.pt")
+    # x and 4x: the mean 2.5x is exact in float32 (one rounding either way)
+    second = {**first, "step": first["step"] + 1,
+              "model": {name: tensor * 4 for name, tensor in first["model"].items()}}
+    save_checkpoint(tmp_path / "a.pt", first)
+    save_checkpoint(tmp_path / "b.pt", second)
+    result = invoke("average-checkpoints", tmp_path / "a.pt", tmp_path / "b.pt",
+                    "--output", tmp_path / "avg.pt")
+    assert result.exit_code == 0, result.output
+    averaged = load_checkpoint(tmp_path / "avg.pt")
+    assert all(t.is_floating_point() for t in first["model"].values())
+    assert averaged["model"].keys() == first["model"].keys()
+    for name, tensor in first["model"].items():
+        assert torch.equal(averaged["model"][name], tensor * 2.5), name
+    assert averaged["step"] == first["step"] + 1  # all but the weights: the last checkpoint's
+    assert load_model(tmp_path / "avg.pt").recipe.data.task == "lm"
+
+
+def test_translate_into_a_closed_pipe_exits_quietly(toy_run, tmp_path):
+    """``seq2seq translate CKPT < many lines | head -1``: the reader leaves after one line,
+    long before the last of 8 chunks of 1,000 lines is written."""
+    source = tmp_path / "many.txt"
+    source.write_text("".join(s + "\n" for s, _ in toy_valid(toy_run)) * 200)  # 8,000 lines
+    with source.open("rb") as stdin:
+        process = subprocess.Popen([sys.executable, "-m", "seq2seq", "translate",
+                                    str(toy_run / "best.pt"), "--beam-size", "1"],
+                                   stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().strip()  # the first translation
+    process.stdout.close()  # the pipe breaks: the writes to come fail
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, errors
+    assert "Traceback" not in errors and "Error" not in errors, errors
+
+
+def test_int8_stays_within_one_bleu_of_fp32(toy_run, tmp_path):
+    """On 400 unseen toy sentences (the session's toy model: about 15 s of training)."""
+    recipe = load_model(toy_run / "last.pt").recipe
+    data = dataclasses.replace(recipe.data, toy_valid_size=400)
+    pairs = read_parallel(data, "valid", seed=recipe.train.seed + 1)
+    source, reference = tmp_path / "src.txt", tmp_path / "ref.txt"
+    source.write_text("".join(s + "\n" for s, _ in pairs))
+    reference.write_text("".join(t + "\n" for _, t in pairs))
+    bleu = {}
+    for quantize in ("none", "int8"):
+        result = invoke("evaluate", toy_run / "best.pt", "--source", source, "--reference",
+                        reference, "--quantize", quantize, "--json")
+        assert result.exit_code == 0, result.output
+        bleu[quantize] = json.loads(result.stdout)["bleu"]
+    assert bleu["none"] > 50  # a model that has learned something to lose
+    assert abs(bleu["int8"] - bleu["none"]) <= 1.0, bleu
 
 
 def test_attention_plot_writes_one_png_per_sentence(toy_run, tmp_path):
@@ -254,3 +304,49 @@ def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
     result = train_toy(tmp_path / "r", "--set", "train.tensorboard=true")
     assert_user_error(result, "train.tensorboard", "pip install 'seq2seq[tensorboard]'")
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_evaluate_user_errors(toy_run, tmp_path):
+    pairs = toy_valid(toy_run)[:3]
+    source, reference = tmp_path / "src.txt", tmp_path / "ref.txt"
+    source.write_text("".join(s + "\n" for s, _ in pairs))
+    reference.write_text("".join(t + "\n" for _, t in pairs))
+    best = toy_run / "best.pt"
+    assert_user_error(invoke("evaluate", best, "--source", source, "--reference",
+                             tmp_path / "none.txt"), "none.txt")
+    for args in ((best, "--source", source, "--hypotheses", reference),  # both
+                 (), (best,)):  # neither; a checkpoint without --source
+        assert_user_error(invoke("evaluate", *args, "--reference", reference),
+                          "either CHECKPOINT with --source, or --hypotheses")
+    short = tmp_path / "short.txt"
+    short.write_text(pairs[0][1] + "\n")
+    assert_user_error(invoke("evaluate", best, "--source", source, "--reference", short),
+                      "src.txt has 3 lines", "short.txt has 1", "line-aligned")
+    assert_user_error(invoke("evaluate", "--hypotheses", short, "--reference", reference),
+                      "1 hypotheses but 3 references")
+
+
+def test_average_checkpoints_user_errors(toy_run, lm_run, tmp_path):
+    out = tmp_path / "avg.pt"
+    assert_user_error(invoke("average-checkpoints", toy_run / "last.pt", lm_run / "last.pt",
+                             "--output", out), str(toy_run / "last.pt"), "parameter names differ")
+    assert_user_error(invoke("average-checkpoints", toy_run / "last.pt", tmp_path / "none.pt",
+                             "--output", out), "none.pt", "no such checkpoint")
+    assert not out.exists()
+
+
+def test_plot_without_metrics_is_a_user_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert_user_error(invoke("plot", tmp_path), "metrics.jsonl", "run directory")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--num-samples", "0", "--num-samples must be at least 1, got 0"),
+    ("--temperature", "-1", "temperature must be at least 0"),
+    ("--top-p", "1.5", "top-p must be in (0, 1]"),
+    ("--top-p", "0", "top-p must be in (0, 1]"),
+    ("--top-k", "-1", "top-k must be at least 0"),
+    ("--max-new-tokens", "0", "max-new-tokens must be at least 1"),
+])
+def test_bad_generate_options(lm_run, option, value, message):
+    assert_user_error(invoke("generate", lm_run / "best.pt", option, value), message)

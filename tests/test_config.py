@@ -1,12 +1,12 @@
 """Recipes: loading, overrides with type coercion, and errors that name the key."""
 
+import copy
 from pathlib import Path
 
 import pytest
 
 from seq2seq.config import (
     ConfigError,
-    Recipe,
     load_recipe,
     recipe_from_dict,
     recipe_to_toml,
@@ -89,10 +89,17 @@ def test_missing_and_broken_files(tmp_path):
         load_recipe(broken)
 
 
-def test_recipe_is_frozen_and_paths_resolve():
-    recipe = Recipe()
-    with pytest.raises(AttributeError):
-        recipe.train.lr = 1.0  # type: ignore[misc]
+def test_overrides_leave_the_values_they_start_from_untouched_and_paths_resolve():
+    """A recipe file read once can take different --set overrides: nothing leaks between them."""
+    values = {"train": {"lr": 0.1}, "model": {"hidden_size": 64}}
+    snapshot = copy.deepcopy(values)
+    changed = recipe_from_dict(values, ["train.lr=0.5", "model.cell=gru", "decode.beam_size=2"])
+    assert values == snapshot
+    plain = recipe_from_dict(values)
+    assert (changed.train.lr, changed.model.cell, changed.decode.beam_size) == (0.5, "gru", 2)
+    assert (plain.train.lr, plain.model.cell, plain.decode.beam_size) == (0.1, "lstm", 5)
+    assert plain.model.hidden_size == changed.model.hidden_size == 64
+    assert plain == recipe_from_dict(snapshot) != changed
     assert resolve_path("/data", "a.txt") == Path("/data/a.txt")
     assert resolve_path("/data", "/abs/a.txt") == Path("/abs/a.txt")
 

@@ -270,13 +270,36 @@ def random_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
     return src, tgt
 
 
-def cost(batch: list[int], src: list[int], tgt: list[int]) -> int:
-    return len(batch) * (max(src[i] for i in batch) + max(tgt[i] + 1 for i in batch))
+def examples(src: list[int], tgt: list[int]) -> ParallelData:
+    """Encoded examples of these lengths (``src`` counts its EOS)."""
+    return ParallelData([[5] * (n - 1) + [EOS] for n in src], [[6] * n for n in tgt])
+
+
+def collated(batch: list[int], data: ParallelData) -> tuple[int, int]:
+    """(cells, real tokens) of the padded ``src`` and ``tgt_in`` tensors that training builds
+    for ``batch``: what the token budget bounds."""
+    padded = collate(data, batch)
+    cells = padded.src.numel() + padded.tgt_in.numel()
+    return cells, int((padded.src != PAD).sum() + (padded.tgt_in != PAD).sum())
+
+
+def test_sampler_budget_by_hand():
+    # each example: 3 source cells + 3 target cells (BOS + 2); batches of 2 fill 12 exactly
+    src, tgt = [3] * 4, [2] * 4
+    assert [len(b) for b in TokenBatchSampler(src, tgt, 12, shuffle=False)] == [2, 2]
+    assert [len(b) for b in TokenBatchSampler(src, tgt, 11, shuffle=False)] == [1, 1, 1, 1]
+    # a longer target widens its whole batch: [2, 2, 2, 5] as one batch would cost 4 * (3 + 6)
+    tgt = [2, 2, 2, 5]
+    assert [sorted(b) for b in TokenBatchSampler(src, tgt, 24, shuffle=False)] == [[0, 1, 2],
+                                                                                   [3]]
+    # one example over the budget still gets a batch of its own
+    assert list(TokenBatchSampler([30], [30], 10, shuffle=False)) == [[0]]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_sampler_covers_each_example_once_across_ranks(world_size):
     src, tgt = random_lengths(701)
+    data = examples(src, tgt)
     for epoch in (0, 1):
         seen, counts = [], set()
         for rank in range(world_size):
@@ -285,7 +308,7 @@ def test_sampler_covers_each_example_once_across_ranks(world_size):
             batches = list(sampler)
             assert len(batches) == len(sampler)
             counts.add(len(batches))
-            assert all(cost(b, src, tgt) <= 300 for b in batches)
+            assert all(collated(b, data)[0] <= 300 for b in batches)
             seen += [i for b in batches for i in b]
         assert sorted(seen) == list(range(701))
         assert len(counts) == 1
@@ -302,8 +325,9 @@ def test_sampler_ranks_get_similar_lengths_per_step():
 def test_sampler_low_padding_and_budget_used():
     src, tgt = random_lengths(3000, seed=2)
     batches = list(TokenBatchSampler(src, tgt, 2000, seed=1))
-    real = sum(src[i] + tgt[i] + 1 for b in batches for i in b)
-    padded = sum(cost(b, src, tgt) for b in batches)
+    data = examples(src, tgt)
+    padded, real = (sum(parts) for parts in zip(*(collated(b, data) for b in batches),
+                                                strict=True))
     assert 1 - real / padded < 0.1
     assert padded / len(batches) > 0.8 * 2000
 

@@ -229,8 +229,25 @@ def test_select_identity_composition_and_rows(cell):
         picked, _ = model.step(prev[a], state.select(a))
     torch.testing.assert_close(picked, log_probs[a], atol=1e-5, rtol=0)
     assert len(state.bottom) == (2 if cell == "lstm" else 1)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        state.coverage = state.attention  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_step_and_select_leave_the_given_state_unchanged(cell):
+    """A state is a value: beam search steps and selects from one state more than once."""
+    model = translation(cell)
+    lm = build_model(tiny(cell), VOCAB, "lm").eval()
+    prev = torch.tensor([4, 5, 6])
+    with torch.no_grad():
+        for step, state in ((model.step, stepped_state(model)),
+                            (lm.step, lm.step(prev, lm.start(3))[1])):
+            before = [t.clone() for t in tensors(state)]
+            first, after = step(prev, state)
+            state.select(torch.tensor([2, 0, 0]))
+            again, _ = step(prev, state)
+            for old, now in zip(before, tensors(state), strict=True):
+                assert torch.equal(old, now)
+            assert torch.equal(first, again)
+            assert not all(torch.equal(a, b) for a, b in zip(tensors(after), before, strict=True))
 
 
 def test_beam_groups_attend_like_rows_gathered_one_by_one():
@@ -421,6 +438,37 @@ def test_int8_model_quantises_decoder_lstms_and_stays_close(target_vocabulary):
     with torch.no_grad():
         exact, _ = model.step(torch.tensor([4, 5, 6]), model.start(src, lengths))
         approx, _ = int8.step(torch.tensor([4, 5, 6]), int8.start(src, lengths))
+    assert (approx.exp() - exact.exp()).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("task,cell", [("translation", "gru"), ("lm", "lstm"), ("lm", "gru")])
+def test_int8_quantises_gru_models_and_the_character_lm_and_stays_close(task, cell):
+    from seq2seq.model import quantize_int8
+    from seq2seq.model.quantize import StepLSTM
+
+    torch.manual_seed(0)
+    model = build_model(tiny(cell), VOCAB, task).eval()
+    int8 = quantize_int8(model)
+    quantized = [m for m in int8.modules()
+                 if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert quantized  # the linear layers run int8
+    stacks = [int8.rnn] if task == "lm" else [int8.decoder_bottom, int8.decoder_upper]
+    layers = [layer for stack in stacks for layer in stack.layers]
+    kind = StepLSTM if cell == "lstm" else torch.nn.GRU  # GRU layers stay fp32
+    assert all(isinstance(layer, kind) for layer in layers)
+    prev = torch.tensor([4, 5, 6])
+    with torch.no_grad():
+        if task == "lm":
+            exact_state, approx_state = model.start(3), int8.start(3)
+            for ids in (prev, torch.tensor([7, 8, 9])):  # two steps: the state carries over
+                exact, exact_state = model.step(ids, exact_state)
+                approx, approx_state = int8.step(ids, approx_state)
+        else:
+            src, lengths = source_batch()
+            exact, _ = model.step(prev, model.start(src, lengths))
+            approx, _ = int8.step(prev, int8.start(src, lengths))
+    assert approx.shape == exact.shape == (3, VOCAB)
+    assert not torch.equal(approx, exact)  # int8 arithmetic did run
     assert (approx.exp() - exact.exp()).abs().max() < 0.02
 
 

@@ -1,7 +1,8 @@
 """Search on hand-written probability tables and on a tiny seeded recurrent step function.
 
 Table cases assert scores computed by hand; the neural cases assert invariants (beam 1 = greedy,
-batched = one at a time, a huge beam = exhaustive search), never floats from random weights.
+batched = one at a time, a huge beam = exhaustive search, the batched search = a plain
+one-sentence reference search over 1,024 tokens), never floats from random weights.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from seq2seq.search import (
     top_p_filter,
 )
 from seq2seq.tokenizer import BOS, EOS, PAD, UNK
+
+from .reference_search import PeakyModel, reference_beam_search
 
 V = 8
 A, B, C, D = 4, 5, 6, 7
@@ -498,4 +501,116 @@ def test_search_never_imports_the_model():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [name for name in names if name.startswith("seq2seq.model")]
-    assert "isinstance" not in Path(search.__file__).read_text()
+
+
+class Opaque:
+    """A state that records every attribute anyone reads from it; the step unwraps it.
+
+    ``isinstance`` against another class reads ``__class__`` and is recorded too.
+    """
+
+    def __init__(self, inner, seen: set[str]):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_seen", seen)
+
+    def __getattribute__(self, name: str):
+        seen = object.__getattribute__(self, "_seen")
+        inner = object.__getattribute__(self, "_inner")
+        seen.add(name)
+        if name == "select":
+            return lambda index: Opaque(inner.select(index), seen)
+        return getattr(inner, name)
+
+
+@pytest.mark.parametrize("strategy,kwargs", [
+    (greedy, {}), (beam_search, {"beam_size": 3, "n_best": 2, "coverage_penalty": 0.2}),
+    (sample, {"temperature": 1.0})])
+def test_search_reads_only_the_state_protocol(net, strategy, kwargs):
+    """Search sees ``select`` and the optional ``attention`` / ``coverage``, nothing else of a
+    state's layout, and does not ask what class it is."""
+    src, lengths = sources()
+    seen: set[str] = set()
+
+    def step(prev, state):
+        log_probs, after = net.step(prev, object.__getattribute__(state, "_inner"))
+        return log_probs, Opaque(after, seen)
+
+    def seeded() -> dict:
+        return {"generator": torch.Generator().manual_seed(2)} if strategy is sample else {}
+
+    first, max_lengths = torch.full((4,), BOS), torch.tensor([5, 6, 3, 7])
+    wrapped = strategy(step, Opaque(net.start(src, lengths), seen), first, max_lengths, NO_RULES,
+                       **kwargs, **seeded())
+    plain = strategy(net.step, net.start(src, lengths), first, max_lengths, NO_RULES, **kwargs,
+                     **seeded())
+    assert tokens_of(wrapped) == tokens_of(plain)
+    assert "select" in seen and seen <= {"select", "attention", "coverage"}, seen
+
+
+# ---------------------------------------------------------------- against the reference search
+
+# Six inputs: source lengths, the length around which EOS becomes likely, and the token cap.
+# Input 2 may emit nothing, input 5 one token; inputs 0 and 3 are cut by their cap; input 1
+# wants to stop early (for min_length).
+REF_SOURCES = [3, 7, 2, 5, 6, 1]
+REF_TARGETS = [9, 1, 3, 8, 5, 2]
+REF_MAX_LENGTHS = [6, 12, 0, 4, 9, 1]
+
+
+def reference_results(model: PeakyModel, rules: LogitRules, beam: int, n_best: int,
+                      alpha: float, beta: float) -> list[list[Hypothesis]]:
+    start = model.start(REF_SOURCES, REF_TARGETS)
+    return [reference_beam_search(model, start.select(torch.tensor([i])), BOS, max_len, rules,
+                                  beam, n_best, alpha, beta, start.real[i].tolist())
+            for i, max_len in enumerate(REF_MAX_LENGTHS)]
+
+
+def batched_results(model: PeakyModel, rules: LogitRules, beam: int, n_best: int, alpha: float,
+                    beta: float) -> list[list[Hypothesis]]:
+    return beam_search(model, model.start(REF_SOURCES, REF_TARGETS),
+                       torch.full((len(REF_SOURCES),), BOS), torch.tensor(REF_MAX_LENGTHS), rules,
+                       beam, n_best, alpha, beta)
+
+
+@pytest.mark.parametrize("beam,n_best,alpha,beta,rules,vocab,expose_coverage", [
+    (1, 1, 0.6, 0.2, LogitRules(), 1024, True),
+    (2, 2, 0.6, 0.2, LogitRules(min_length=3, no_repeat_ngram=2), 1024, True),
+    (5, 3, 1.0, 0.4, LogitRules(min_length=2, no_repeat_ngram=3, ban_unk=True), 1024, True),
+    (5, 5, -0.3, 0.1, LogitRules(no_repeat_ngram=2), 1000, False),
+    (12, 5, 0.6, 0.2, LogitRules(min_length=4, no_repeat_ngram=2), 1024, True),
+    (12, 12, 0.0, 0.0, LogitRules(no_repeat_ngram=1), 1024, False),
+])
+def test_batched_beam_search_equals_the_reference(beam, n_best, alpha, beta, rules, vocab,
+                                                  expose_coverage):
+    """Token-identical hypotheses and equal scores, in order, for every input of one batch.
+
+    V = 1,024 takes the two-stage top-k of real models; V = 1,000 the plain one. Coverage comes
+    from the state, or (when it exposes none) from the attention history.
+    """
+    model = PeakyModel(vocab, seed=beam, expose_coverage=expose_coverage)
+    want = reference_results(model, rules, beam, n_best, alpha, beta)
+    got = batched_results(model, rules, beam, n_best, alpha, beta)
+    for i, (mine, ref) in enumerate(zip(got, want, strict=True)):
+        assert [h.tokens for h in mine] == [h.tokens for h in ref], i
+        assert [h.log_prob for h in mine] == pytest.approx([h.log_prob for h in ref], abs=1e-5)
+        assert [h.score for h in mine] == pytest.approx([h.score for h in ref], abs=1e-5)
+        for h, r in zip(mine, ref, strict=True):
+            assert (h.attention is None) == (r.attention is None)
+            if h.attention is not None:
+                assert torch.equal(h.attention, r.attention)
+    # the case exercises both endings
+    hyps = [h for per_input in want for h in per_input if h.attention is not None]
+    assert any(h.attention.shape[0] == len(h.tokens) + 1 for h in hyps)  # ended with EOS
+    assert any(h.attention.shape[0] == len(h.tokens) for h in hyps)  # cut at the cap
+
+
+def test_the_reference_case_blocks_repeats_and_holds_min_length():
+    """The peaky model repeats bigrams unless blocked, and wants EOS before min_length."""
+    model = PeakyModel(1024, seed=5)
+    free = reference_results(model, LogitRules(), 5, 5, 0.6, 0.0)
+    assert any(repeats_bigram(h.tokens) for hyps in free for h in hyps)
+    assert any(len(h.tokens) < 4 for h in free[1])
+    ruled = reference_results(model, LogitRules(min_length=4, no_repeat_ngram=2), 5, 5, 0.6, 0.0)
+    assert not any(repeats_bigram(h.tokens) for hyps in ruled for h in hyps)
+    assert all(len(h.tokens) >= min(4, cap) for hyps, cap in zip(ruled, REF_MAX_LENGTHS,
+                                                                  strict=True) for h in hyps)

@@ -1,6 +1,9 @@
 """Tokenizers: special ids, round trips through text and bytes, coverage, and errors."""
 
+import io
+
 import pytest
+import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.tokenizer import (
@@ -24,7 +27,11 @@ CORPUS = ["ein Hund läuft über die Wiese", "a dog runs across the meadow",
 def test_sentencepiece_round_trips_text_and_bytes(model_type):
     config = TokenizerConfig(kind="sentencepiece", model_type=model_type, vocab_size=60)
     tokenizer = train_tokenizer(iter(CORPUS), config)
-    assert (PAD, UNK, BOS, EOS) == (0, 1, 2, 3)
+    # the model itself, read by SentencePiece, puts the special pieces at our ids
+    processor = spm.SentencePieceProcessor(model_proto=tokenizer.to_bytes())
+    pieces = [processor.id_to_piece(i) for i in (PAD, UNK, BOS, EOS)]
+    assert pieces == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert UNK in tokenizer.encode("ж")  # never seen in training
     for text in CORPUS[:4]:
         ids = tokenizer.encode(text)
         assert min(ids) > EOS
@@ -32,6 +39,14 @@ def test_sentencepiece_round_trips_text_and_bytes(model_type):
     again = tokenizer_from_bytes("sentencepiece", tokenizer.to_bytes())
     assert again.encode(CORPUS[0]) == tokenizer.encode(CORPUS[0])
     assert again.vocab_size == tokenizer.vocab_size
+
+
+def test_a_sentencepiece_model_with_other_special_ids_is_refused():
+    model = io.BytesIO()  # SentencePiece's own defaults: no PAD, UNK/BOS/EOS = 0/1/2
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model,
+                                   vocab_size=60, hard_vocab_limit=False, minloglevel=2)
+    with pytest.raises(TokenizerError, match=r"special ids \[-1, 0, 1, 2\], not \[0, 1, 2, 3\]"):
+        tokenizer_from_bytes("sentencepiece", model.getvalue())
 
 
 def test_decode_drops_special_ids():

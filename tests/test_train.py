@@ -11,14 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from seq2seq import distributed as dist
-from seq2seq.checkpoint import load_checkpoint
+from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import TrainConfig, load_recipe
 from seq2seq.data import TokenBatchSampler, collate, encode_pairs, read_parallel
 from seq2seq.inference import best_text, load_model, translate_lines
@@ -106,6 +105,50 @@ def test_lm_resume_equals_uninterrupted_training(tmp_path, lm_text):
     train(lm_recipe(lm_text, "train.max_steps=12", "train.schedule=constant"), tmp_path / "b",
           resume=True)
     assert_same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+class Interrupted(Exception):
+    """Stands for a process that dies right after a checkpoint."""
+
+
+def test_resume_with_the_gnmt_schedule_and_a_validation_equals_uninterrupted_training(
+        tmp_path, monkeypatch):
+    """The recipes' schedule (warm-up, then halvings over the second half of a step budget),
+    stopped after the save of step 8 and resumed: validations at 5, 10, 15 and the end, and the
+    halvings all fall on both sides of the stop. Every update, learning rate and validation
+    equals the uninterrupted run's."""
+    settings = ["model.dropout=0.2", "model.hidden_size=32", "train.schedule=gnmt",
+                "train.warmup_steps=4", "train.decay_start=0.5", "train.decay_halvings=4",
+                "train.max_steps=16", "train.max_minutes=0", "train.valid_every=5",
+                "train.save_every=4", "train.log_every=1", "data.toy_train_size=200",
+                "data.toy_valid_size=10", "train.max_tokens=300"]
+    train(toy_recipe(*settings), tmp_path / "straight")
+    original = Trainer.save
+
+    def save_then_die(self, is_best):
+        original(self, is_best)
+        if self.progress.step == 8:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        train(toy_recipe(*settings), tmp_path / "resumed")
+    monkeypatch.setattr(Trainer, "save", original)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 8
+    train(toy_recipe(*settings), tmp_path / "resumed", resume=True)
+
+    assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "resumed" / "last.pt")
+    straight, resumed = (load_checkpoint(tmp_path / run / "last.pt")
+                         for run in ("straight", "resumed"))
+    assert (straight["best"], straight["metrics"]) == (resumed["best"], resumed["metrics"])
+    rates = [(e["step"], e["lr"]) for e in read_events(tmp_path / "straight", "train")]
+    assert rates == [(e["step"], e["lr"]) for e in read_events(tmp_path / "resumed", "train")]
+    peak = max(lr for _, lr in rates)
+    assert rates[0][1] < peak and rates[-1][1] <= peak / 8  # warmed up, then halved 3+ times
+    assert len({lr for step, lr in rates if step > 8 and lr < peak}) >= 2  # halved after step 8
+    valid = read_events(tmp_path / "straight", "valid")
+    assert [e["step"] for e in valid] == [5, 10, 15, 16]
+    assert read_events(tmp_path / "resumed", "valid") == valid
 
 
 # The toy task with two-letter symbols and a SentencePiece model: words have several segmentations.
@@ -237,25 +280,51 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
         torch.testing.assert_close(ddp["model"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(tmp_path):
+# Runs ``seq2seq`` with a hook in the atomic write: the second save of last.pt writes half of
+# the new file and the process SIGKILLs itself before the rename, as a kill mid-save would.
+DIE_IN_SAVE = """
+import contextlib, os, signal, sys
+from pathlib import Path
+from seq2seq import checkpoint
+from seq2seq.cli import main
+
+real_atomic_write = checkpoint.atomic_write
+saves = []
+
+@contextlib.contextmanager
+def dying_atomic_write(path, *args, **kwargs):
+    with real_atomic_write(path, *args, **kwargs) as handle:
+        yield handle
+        if Path(path).name == "last.pt":
+            saves.append(path)
+            if len(saves) == 2:
+                handle.flush()
+                handle.truncate(handle.tell() // 2)
+                handle.flush()
+                os.fsync(handle.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.atomic_write = dying_atomic_write
+main()
+"""
+
+
+def test_a_kill_during_a_save_leaves_the_last_good_checkpoint_which_resumes(tmp_path):
     out = tmp_path / "killed"
-    settings = ("model.hidden_size=16", "train.max_steps=100000", "train.valid_every=5",
-                "data.toy_valid_size=10", "train.keep_last=2")
-    process = subprocess.Popen(_train_command(out, *settings), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "step_10.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)  # most likely in the middle of a step or a save
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    step = load_checkpoint(out / "last.pt")["step"]
-    assert step >= 10
-    assert not list(out.glob(".*.tmp")) or load_checkpoint(out / "last.pt")
-    train(toy_recipe(*settings[:1], f"train.max_steps={step + 3}", "train.valid_every=5",
+    settings = ("model.hidden_size=16", "train.max_steps=1000", "train.valid_every=5",
+                "data.toy_valid_size=10")
+    command = [sys.executable, "-c", DIE_IN_SAVE, *_train_command(out, *settings)[3:]]
+    process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             timeout=240)
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()
+    # the kill landed in the save of step 10: its half-written file is there, unusable
+    [torn] = out.glob(".last.pt.*.tmp")
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(torn)
+    assert load_checkpoint(out / "last.pt")["step"] == 5  # the last good checkpoint survived
+    train(toy_recipe(*settings[:1], "train.max_steps=8", "train.valid_every=5",
                      "data.toy_valid_size=10"), out, resume=True)
-    assert load_checkpoint(out / "last.pt")["step"] == step + 3
+    assert load_checkpoint(out / "last.pt")["step"] == 8
 
 
 def test_patience_stops_when_validation_stops_improving(tmp_path):
