@@ -27,6 +27,7 @@ from seq2seq.config import Recipe, TrainConfig, recipe_to_dict, recipe_to_toml
 from seq2seq.events import LogCallback, LogWindow, TensorBoardSink, fan_out, summary_writer_class
 from seq2seq.inference import load_model
 from seq2seq.model import build_model
+from seq2seq.model.recurrent import bound_primitive_cache
 from seq2seq.tasks import Task, make_task
 from seq2seq.tokenizer import Tokenizer, coverage, load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -362,6 +363,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     ``init_from`` warm-starts from a checkpoint: its weights and its tokenizer (the recipe's
     tokenizer section becomes the checkpoint's), with a fresh optimizer and schedule at step 0.
     """
+    bound_primitive_cache()
     out_dir = Path(out_dir)
     warm = None
     if init_from is not None:

@@ -14,6 +14,7 @@ Recurrent state is a tuple of tensors, batch first: ``(h, c)`` for LSTM, ``(h,)`
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, TypeVar
 
 import torch
@@ -26,6 +27,21 @@ State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (B, L, H)
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 GATES = {"lstm": 4, "gru": 3}
 T = TypeVar("T")
+
+
+PRIMITIVE_CACHE = 64  # oneDNN primitives kept (see bound_primitive_cache)
+
+
+def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE) -> None:
+    """Keep oneDNN's primitive cache small, unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is set.
+
+    oneDNN, which runs the fused LSTM layers on CPUs, compiles a primitive per input shape and
+    caches up to 1,024 of them (about a megabyte each). Token-budget batches and beam search bring
+    a new shape at nearly every call, so the default cache mostly grows: a Multi30k training run
+    passed 1.5 GB within minutes. oneDNN reads the variable when it first runs, so this must come
+    before the process's first LSTM call (``train`` and ``load_model`` call it first thing).
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def padded_vocab(vocab_size: int) -> int:
