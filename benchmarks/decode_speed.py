@@ -36,7 +36,6 @@ import os
 # Sleep rather than spin at OpenMP barriers on a shared CPU (see benchmarks/train_speed.py); it
 # must be set before torch loads OpenMP, and an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")  # as the CLI decodes (seq2seq/cli.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -62,6 +61,7 @@ from seq2seq.inference import (  # noqa: E402
     translation_max_lengths,
 )
 from seq2seq.model import build_model, quantize_int8  # noqa: E402
+from seq2seq.model.recurrent import bound_primitive_cache  # noqa: E402
 from seq2seq.search import decode as search_decode  # noqa: E402
 from seq2seq.tokenizer import BOS, PAD, train_tokenizer  # noqa: E402
 
@@ -190,6 +190,7 @@ def main() -> None:
         peers = decode_summaries_by_beam(args.peer_summary)
     except PeerFileError as error:
         raise SystemExit(str(error)) from None
+    bound_primitive_cache()  # as load_model does, also for random weights
     torch.set_num_threads(args.threads)
     machine = describe_machine(device=args.device)
     print(machine_line(machine))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -100,13 +99,6 @@ def tokenizer_train(recipe: Annotated[Path, typer.Argument(help="Recipe file")],
     typer.echo(f"{path}: {size} entries, coverage {coverage:.4%} of training tokens")
 
 
-def _lean_decoding() -> None:
-    """Set this process up for decoding, before any oneDNN kernel runs. Decoding calls the LSTM
-    with a new batch shape at nearly every step, and oneDNN's primitive cache kept each of them:
-    about 100 MiB over the Multi30k test set, at no gain in speed. An explicit setting wins."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
-
-
 def _decode_options(loaded: Any, **options: Any) -> Any:
     from seq2seq.inference import check_decode_options, generation_config
 
@@ -137,7 +129,6 @@ def translate(
     from seq2seq import inference
 
     def action() -> None:
-        _lean_decoding()
         loaded = inference.load_model(checkpoint, device, quantize)
         inference.require_task(loaded, "translation", checkpoint)
         config = _decode_options(loaded, beam_size=beam_size, length_penalty=length_penalty,
@@ -189,7 +180,6 @@ def evaluate(
             raise inference.InferenceError("give either CHECKPOINT with --source, or --hypotheses")
         options = dict(beam_size=beam_size, length_penalty=length_penalty,
                        coverage_penalty=coverage_penalty, max_tokens_per_batch=max_tokens_per_batch)
-        _lean_decoding()
         return evaluate_files(checkpoint, source, reference, hypotheses, device,
                                         quantize, options)
 
@@ -218,7 +208,6 @@ def generate(
     from seq2seq import inference
 
     def action() -> None:
-        _lean_decoding()
         loaded = inference.load_model(checkpoint, device)
         inference.require_task(loaded, "lm", checkpoint)
         config = _decode_options(loaded, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -24,6 +24,7 @@ from seq2seq.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.data import inference_batches
 from seq2seq.model import build_model, quantize_int8
+from seq2seq.model.recurrent import bound_primitive_cache
 from seq2seq.search import Hypothesis, decode
 from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer, tokenizer_from_bytes
 
@@ -72,6 +73,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LoadedModel:
     """Rebuild the model and tokenizer from a checkpoint alone."""
+    bound_primitive_cache()
     payload = load_checkpoint(path, mmap=True)
     try:
         recipe = recipe_from_dict(payload["recipe"])
@@ -159,7 +161,8 @@ def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConf
         state = model.start(src, src_lengths)
         first = torch.full((len(indices),), BOS, dtype=torch.long, device=device)
         hyps = decode(model.step, state, first, translation_max_lengths(src_lengths, config),
-                      config, strategy, keep_attention=keep_attention)
+                      config, strategy, keep_attention=keep_attention,
+                      token_ids=model.output_ids())
         for i, hyp in zip(indices, hyps, strict=True):
             results[i] = hyp
     return results

@@ -19,6 +19,9 @@ Conventions shared by every strategy:
   the caller passed ``keep_attention=False`` (which saves copying the history at every step).
 - Greedy and sampling report ``score = log_prob``; beam search reports the GNMT score.
 - PAD and BOS are never emitted; see :class:`LogitRules` for the optional rules.
+- ``token_ids`` (V,) long, when given, is the token id of each log-prob column (a model that
+  scores a target vocabulary only; ascending, with the special ids 0-3 as columns 0-3); without it
+  column j is token j. Search chooses columns and hands ids to ``step`` and to the hypotheses.
 """
 
 from __future__ import annotations
@@ -92,10 +95,11 @@ def block_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
 
 
 def apply_rules(log_probs: Tensor, history: Tensor, rules: LogitRules,
-                inplace: bool = False) -> Tensor:
+                inplace: bool = False, token_ids: Tensor | None = None) -> Tensor:
     """``log_probs`` (N, V) with the tokens forbidden after ``history`` (N, t) set to -inf.
 
-    ``inplace`` writes into ``log_probs`` (for a tensor the caller owns) instead of a copy.
+    ``inplace`` writes into ``log_probs`` (for a tensor the caller owns) instead of a copy;
+    ``token_ids`` as in the module docstring (``history`` holds ids, not columns).
     """
     banned = [PAD, BOS]
     if rules.ban_unk:
@@ -105,7 +109,8 @@ def apply_rules(log_probs: Tensor, history: Tensor, rules: LogitRules,
     out = log_probs if inplace else log_probs.clone()
     out[:, banned] = NEG_INF
     if rules.no_repeat_ngram > 0:
-        repeats = repeated_ngrams(history, rules.no_repeat_ngram, out.shape[1])
+        columns = history if token_ids is None else torch.searchsorted(token_ids, history)
+        repeats = repeated_ngrams(columns, rules.no_repeat_ngram, out.shape[1])
         if repeats is not None:
             out.masked_fill_(repeats, NEG_INF)
     return out
@@ -172,8 +177,8 @@ def _empty_hypotheses(max_lengths: Tensor, results: list[list[Hypothesis]]) -> T
 
 def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
                 choose: Callable[[Tensor], Tensor], on_tokens: TokenCallback | None,
-                keep_attention: bool) -> list[list[Hypothesis]]:
-    """One token per row per step, chosen by ``choose(log_probs (M, V)) -> (M,)``."""
+                keep_attention: bool, token_ids: Tensor | None) -> list[list[Hypothesis]]:
+    """One token per row per step, chosen by ``choose(log_probs (M, V)) -> (M,)`` columns."""
     n, device = first.shape[0], first.device
     results: list[list[Hypothesis]] = [[] for _ in range(n)]
     inputs = _empty_hypotheses(max_lengths.to(device), results)  # (M,) input of each row
@@ -186,8 +191,9 @@ def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
     while inputs.numel():
         raw, state = step(prev, state)
         raw = raw.detach().float()
-        prev = choose(apply_rules(raw, tokens, rules, inplace=True))  # chosen: never banned
-        log_prob = log_prob + raw.gather(1, prev[:, None]).squeeze(1)
+        column = choose(apply_rules(raw, tokens, rules, True, token_ids))  # never a banned one
+        log_prob = log_prob + raw.gather(1, column[:, None]).squeeze(1)
+        prev = column if token_ids is None else token_ids[column]
         tokens = torch.cat([tokens, prev[:, None]], 1)
         attention = _step_attention(state, attention) if keep_attention else None
         if on_tokens is not None:
@@ -212,22 +218,22 @@ def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
 
 @torch.no_grad()
 def greedy(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
-           on_tokens: TokenCallback | None = None,
-           keep_attention: bool = True) -> list[list[Hypothesis]]:
+           on_tokens: TokenCallback | None = None, keep_attention: bool = True,
+           token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
     """The most likely token at every step; one hypothesis per input.
 
     ``first`` (N,) long is each row's first input token, ``max_lengths`` (N,) long the token caps.
     ``on_tokens(tokens (N,))`` gets each step's tokens in input order, PAD for finished inputs.
     """
     return _token_loop(step, state, first, max_lengths, rules,
-                       lambda lp: lp.argmax(-1), on_tokens, keep_attention)
+                       lambda lp: lp.argmax(-1), on_tokens, keep_attention, token_ids)
 
 
 @torch.no_grad()
 def sample(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None, on_tokens: TokenCallback | None = None,
-           keep_attention: bool = True) -> list[list[Hypothesis]]:
+           keep_attention: bool = True, token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
     """Ancestral sampling from ``softmax(log_probs / temperature)`` cut to top-k and top-p.
 
     Temperature 0 is greedy. ``generator`` (on the tensors' device) makes draws reproducible;
@@ -236,14 +242,16 @@ def sample(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: 
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
-        return greedy(step, state, first, max_lengths, rules, on_tokens, keep_attention)
+        return greedy(step, state, first, max_lengths, rules, on_tokens, keep_attention,
+                      token_ids)
 
     def choose(log_probs: Tensor) -> Tensor:
         logits = top_p_filter(top_k_filter(log_probs / temperature, top_k), top_p)
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _token_loop(step, state, first, max_lengths, rules, choose, on_tokens, keep_attention)
+    return _token_loop(step, state, first, max_lengths, rules, choose, on_tokens, keep_attention,
+                       token_ids)
 
 
 # ---------------------------------------------------------------- beam search
@@ -361,8 +369,8 @@ def _bound(beams: _Beams, k: int, steps: int, alpha: float) -> Tensor:
 @torch.no_grad()
 def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
                 beam_size: int, n_best: int = 1, length_penalty: float = 0.6,
-                coverage_penalty: float = 0.0,
-                keep_attention: bool = True) -> list[list[Hypothesis]]:
+                coverage_penalty: float = 0.0, keep_attention: bool = True,
+                token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
     """GNMT beam search; per input the ``n_best`` hypotheses, best score first.
 
     ``first`` (N,) long, ``max_lengths`` (N,) long. Score = log_prob / lp(|Y|) + cp with
@@ -397,7 +405,7 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
         t = beams.tokens.shape[1]  # tokens emitted before this step
         # (R, V): the step's fresh tensor, summed in place; -inf stays -inf after the sum
         total = raw.detach().float().add_(beams.log_prob[:, None])
-        apply_rules(total, beams.tokens, rules, inplace=True)
+        apply_rules(total, beams.tokens, rules, True, token_ids)
         del raw
         history = keep_attention or (coverage_penalty != 0
                                      and getattr(state, "coverage", None) is None)
@@ -407,6 +415,8 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
             beams.real = (coverage.view(-1, k, coverage.shape[1]) > 0).any(1)
         scores, parents, tokens = _candidates(total, k)
         del total  # before the next step allocates its own (R, V) tensor
+        if token_ids is not None:
+            tokens = token_ids[tokens]
 
         # EOS among the K best candidates: finish (tokens so far, t + 1 scored steps)
         m, j = (tokens[:, :k] == EOS).nonzero(as_tuple=True)
@@ -441,8 +451,8 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
 
 def decode(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, config: DecodeConfig,
            strategy: str, generator: torch.Generator | None = None,
-           on_tokens: TokenCallback | None = None,
-           keep_attention: bool = True) -> list[list[Hypothesis]]:
+           on_tokens: TokenCallback | None = None, keep_attention: bool = True,
+           token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
     """Run ``strategy`` ("beam" | "greedy" | "sample") with the settings of ``config``.
 
     ``on_tokens`` streams greedy and sampled tokens; beam search does not stream.
@@ -452,10 +462,11 @@ def decode(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, config:
     if strategy == "beam":
         return beam_search(step, state, first, max_lengths, rules, config.beam_size,
                            config.n_best, config.length_penalty, config.coverage_penalty,
-                           keep_attention)
+                           keep_attention, token_ids)
     if strategy == "greedy":
-        return greedy(step, state, first, max_lengths, rules, on_tokens, keep_attention)
+        return greedy(step, state, first, max_lengths, rules, on_tokens, keep_attention,
+                      token_ids)
     if strategy == "sample":
         return sample(step, state, first, max_lengths, rules, config.temperature, config.top_k,
-                      config.top_p, generator, on_tokens, keep_attention)
+                      config.top_p, generator, on_tokens, keep_attention, token_ids)
     raise ValueError(f"unknown decoding strategy {strategy!r}; use 'beam', 'greedy' or 'sample'")

@@ -614,3 +614,35 @@ def test_the_reference_case_blocks_repeats_and_holds_min_length():
     assert not any(repeats_bigram(h.tokens) for hyps in ruled for h in hyps)
     assert all(len(h.tokens) >= min(4, cap) for hyps, cap in zip(ruled, REF_MAX_LENGTHS,
                                                                   strict=True) for h in hyps)
+
+
+@pytest.mark.parametrize("strategy,kwargs", [
+    (beam_search, dict(beam_size=5, n_best=3, length_penalty=0.6, coverage_penalty=0.2)),
+    (greedy, {}),
+])
+def test_columns_over_token_ids_decode_like_the_full_vocabulary(strategy, kwargs):
+    """A step that scores a target vocabulary only (columns = ``token_ids``) decodes exactly like
+    the same step written over every id with -inf at the others: same tokens, scores, attention.
+    The rules (bans, min length, n-gram blocking through the id -> column map) act alike."""
+    model = PeakyModel(1024, seed=3)
+    kept = torch.arange(1024)[(torch.arange(1024) % 3 != 1) | (torch.arange(1024) < 4)]
+
+    def compact(prev: torch.Tensor, state):
+        log_probs, state = model(prev, state)
+        return torch.log_softmax(log_probs[:, kept], -1), state
+
+    def full(prev: torch.Tensor, state):
+        log_probs, state = compact(prev, state)
+        return torch.full((len(prev), 1024), float("-inf")).index_copy_(1, kept, log_probs), state
+
+    rules = LogitRules(min_length=2, no_repeat_ngram=2, ban_unk=True)
+    first, caps = torch.full((len(REF_SOURCES),), BOS), torch.tensor(REF_MAX_LENGTHS)
+    want = strategy(full, model.start(REF_SOURCES, REF_TARGETS), first, caps, rules, **kwargs)
+    got = strategy(compact, model.start(REF_SOURCES, REF_TARGETS), first, caps, rules,
+                   token_ids=kept, **kwargs)
+    assert tokens_of(got) == tokens_of(want)
+    assert not any(t % 3 == 1 for hyps in tokens_of(got) for h in hyps for t in h)
+    for mine, ref in zip(got, want, strict=True):
+        assert [h.score for h in mine] == pytest.approx([h.score for h in ref], abs=1e-6)
+        assert all(torch.equal(a.attention, b.attention) for a, b in zip(mine, ref, strict=True)
+                   if a.attention is not None)

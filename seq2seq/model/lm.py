@@ -69,6 +69,10 @@ class CharLM(nn.Module):
         logits, state = self.forward(prev.unsqueeze(1), state)
         return step_log_probs(logits), state
 
+    def output_ids(self) -> None:
+        """``step`` scores every id (column j is id j)."""
+        return None
+
     def flops_per_token(self, training: bool = True) -> float:
         """Matmul FLOPs per token (2*in*out per gate matmul, output layer); training = 3x."""
         c, h = self.config, self.config.hidden_size

@@ -167,7 +167,8 @@ class OutputLayer(nn.Module):
     target side of the training data (``target_mask``, saved with the weights) and the classifier
     scores only those, in id order: ``logits[..., j]`` is id ``target_ids()[j]``. The special ids
     0-3 are always kept, so they keep their positions and PAD stays the ignored class. Training then
-    computes about half the classifier, and :meth:`full_width` gives decoding its (N, V) rows.
+    computes about half the classifier, and so does every decoding step (search maps columns back
+    to ids).
     """
 
     def __init__(self, features: int, embedding: nn.Embedding, vocab_size: int, project: bool,
@@ -211,14 +212,6 @@ class OutputLayer(nn.Module):
             return ids
         column = torch.cumsum(self.target_mask, 0) - 1
         return torch.where(self.target_mask[ids], column[ids], torch.ones_like(ids))
-
-    def full_width(self, log_probs: Tensor) -> Tensor:
-        """(N, V') log-probs over the target vocabulary -> (N, V), -inf at the other ids."""
-        ids = self.target_ids()
-        if ids is None:
-            return log_probs
-        full = log_probs.new_full((log_probs.size(0), self.vocab_size), float("-inf"))
-        return full.index_copy_(1, ids, log_probs)
 
     def quantize_classifier(self) -> None:
         """Use a dynamic int8 copy of the classifier (CPU inference; the largest matmul)."""

@@ -176,7 +176,8 @@ class Seq2Seq(nn.Module):
         )
 
     def step(self, prev: Tensor, state: TranslationState) -> tuple[Tensor, TranslationState]:
-        """prev (N,) long -> log_probs (N,V) float32 and the next state."""
+        """prev (N,) long ids -> log_probs (N,V) float32 over the columns of
+        :meth:`output_ids` (V' of them with a target vocabulary) and the next state."""
         memory, keys, mask = state.memory, state.keys, state.mask
         if not state.group:  # rows in no regular layout: gather the encoder side per row
             memory, keys, mask = (x.index_select(0, state.source) for x in (memory, keys, mask))
@@ -185,7 +186,11 @@ class Seq2Seq(nn.Module):
         attention = weights[:, 0].float()  # (N, S)
         new = dataclasses.replace(state, bottom=bottom, upper=upper,
                                   coverage=state.coverage + attention, attention=attention)
-        return self.output.full_width(step_log_probs(logits)), new
+        return step_log_probs(logits), new
+
+    def output_ids(self) -> Tensor | None:
+        """The token id of each column of ``step``'s log-probs (None: column j is id j)."""
+        return self.output.target_ids()
 
     def flops_per_token(self, src_len: float = 14.0, tgt_len: float | None = None,
                         training: bool = True) -> float:
