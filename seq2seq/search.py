@@ -322,22 +322,27 @@ def _top_k_of_groups(total: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
     """The n largest values of each group of k consecutive rows of ``total`` (M*K, V), and their
     indices into the group's K*V values: each (M, n), as ``total.view(M, K*V).topk(n)`` gives.
 
-    Two stages, about 3x faster than that at beam 5 over 8k vocabularies: each row is cut into
-    blocks of ``V / 8`` strided columns (j, j + V/8, ...), the n blocks with the largest maxima
-    are kept, and a top-n over their 8n values finishes. Exact: each of the n largest values lies
-    in a block whose maximum is at least it, and fewer than n blocks can have a larger maximum.
+    Two stages, about 3x faster than that at beam 5 over 4k-8k vocabularies: the first 8W
+    columns of each row (W = V // 8) are cut into W blocks of 8 strided columns (j, j + W, ...),
+    the n blocks with the largest maxima are kept, and a top-n over their 8n values and the
+    last V - 8W (< 8) columns of the group's rows finishes. Exact: each of the n largest values
+    is in those columns or in a block whose maximum is at least it, and fewer than n blocks can
+    have a larger maximum.
     """
     rows, v = total.shape
     blocks_per_row = 8
     width = v // blocks_per_row
-    if v % blocks_per_row or width * k < n:  # small vocabularies: one plain top-n
+    if width * k < n:  # small vocabularies: one plain top-n
         return total.reshape(-1, k * v).topk(n, dim=1)
-    groups = rows // k
-    block_max = total.reshape(rows, blocks_per_row, width).amax(1).view(groups, k * width)
-    blocks = block_max.topk(n, dim=1).indices  # (M, n): row-in-group * width + column
-    spread = torch.arange(blocks_per_row, device=total.device) * width
-    flat = (blocks // width * v + blocks % width)[:, :, None] + spread  # (M, n, 8)
-    flat = flat.view(groups, -1)
+    groups, blocked, device = rows // k, width * blocks_per_row, total.device
+    block_max = total[:, :blocked].reshape(rows, blocks_per_row, width).amax(1)
+    blocks = block_max.view(groups, k * width).topk(n, dim=1).indices  # row-in-group * W + j
+    spread = torch.arange(blocks_per_row, device=device) * width
+    flat = ((blocks // width * v + blocks % width)[:, :, None] + spread).view(groups, -1)
+    if blocked < v:  # the columns after the blocks, of every row in the group
+        rest = (torch.arange(k, device=device)[:, None] * v
+                + torch.arange(blocked, v, device=device)).view(1, -1)
+        flat = torch.cat([flat, rest.expand(groups, -1)], dim=1)
     values, pick = total.reshape(groups, k * v).gather(1, flat).topk(n, dim=1)
     return values, flat.gather(1, pick)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from seq2seq.config import ConfigError, ModelConfig
 from seq2seq.model import CharLM, LMState, Seq2Seq, TranslationState, build_model
 from seq2seq.model import attention as attention_module
+from seq2seq.model import seq2seq as seq2seq_module
 from seq2seq.model.attention import BahdanauAttention
 from seq2seq.tokenizer import BOS, EOS, PAD
 
@@ -167,6 +168,78 @@ def test_target_vocabulary_travels_with_the_weights():
     assert other.output.flops() == 2 * 6 * 12 + 2 * 32 * 12  # classifier rows + projection
     with pytest.raises(ValueError, match="without a target vocabulary"):
         translation().output.restrict(torch.tensor([6]))
+
+
+def test_decoding_reuses_the_compact_classifier_until_the_weights_change():
+    """Without autograd the target vocabulary's classifier rows are gathered once and reused;
+    an optimizer step, a new restriction or loaded weights are seen at the next call."""
+    model = translation(target_vocabulary=True).eval()
+    model.output.restrict(torch.tensor([5, 7, 8]))
+    features = torch.randn(4, 32)
+
+    def fresh() -> torch.Tensor:
+        with torch.enable_grad():
+            return model.output(features).detach()
+
+    with torch.no_grad():
+        first = model.output(features)
+        assert model.output._classifier()[0] is model.output._classifier()[0]  # reused
+    assert torch.equal(first, fresh())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.output(features).sum().backward()
+    optimizer.step()
+    with torch.inference_mode():
+        assert torch.equal(model.output(features), fresh())
+        assert not torch.equal(model.output(features), first)
+    model.output.restrict(torch.tensor([5, 9]))
+    with torch.no_grad():
+        assert model.output(features).shape == (4, 6)
+        assert torch.equal(model.output(features), fresh())
+    model.load_state_dict(translation(target_vocabulary=True).state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.output(features), fresh())
+
+
+@pytest.mark.parametrize("target_vocabulary", [False, True])
+def test_decoding_steps_take_the_bottom_input_gates_from_a_table(monkeypatch, target_vocabulary):
+    """A step's bottom LSTM reads E W_ih + b from the table (never running the layer) and gives
+    what teacher forcing gives; ids outside a target vocabulary's table run the layer."""
+    model = translation(target_vocabulary=target_vocabulary).eval()
+    if target_vocabulary:
+        model.output.restrict(torch.arange(4, 9))
+    src, lengths = source_batch()
+    tgt = target_batch().clamp(max=8)
+    with torch.no_grad():
+        expected = F.log_softmax(model(src, lengths, tgt), dim=-1)  # T > 1: the fused layer
+        table, row_of = model.input_gate_table()
+        assert table.shape == ((9 if target_vocabulary else 16), 4 * 16)
+        assert (row_of is None) != target_vocabulary
+        state = model.start(src, lengths)
+        with monkeypatch.context() as patch:
+            patch.setattr(model.decoder_bottom, "forward", None)  # any call fails
+            for t in range(tgt.size(1)):
+                log_probs, state = model.step(tgt[:, t], state)
+                torch.testing.assert_close(log_probs, expected[:, t], atol=1e-5, rtol=0)
+        if target_vocabulary:  # id 12 has no row: this step runs the layer
+            model.step(torch.full((3,), 12), state)
+    assert model.input_gate_table() is not None
+    assert translation(cell="gru").input_gate_table() is None
+    monkeypatch.setattr(seq2seq_module, "INPUT_TABLE_BYTES", 100)
+    assert model.input_gate_table() is None
+
+
+def test_the_input_gate_table_follows_the_weights():
+    model = translation().eval()
+    with torch.no_grad():
+        first = model.input_gate_table()[0]
+        assert model.input_gate_table()[0] is first
+        model.decoder_bottom.layers[0].weight_ih_l0.add_(0.5)
+        second = model.input_gate_table()[0]
+        assert not torch.equal(first, second)
+        lstm = model.decoder_bottom.layers[0]
+        expected = (model.tgt_embed.weight @ lstm.weight_ih_l0.t() + lstm.bias_ih_l0
+                    + lstm.bias_hh_l0)
+        torch.testing.assert_close(second, expected)
 
 
 def test_bridge_starts_the_decoder_from_the_source():

@@ -283,12 +283,16 @@ def test_apply_rules_in_place_equals_the_copy():
     assert torch.isinf(copied[:, [PAD, BOS, UNK, EOS]]).all() and torch.isinf(copied[0, B])
 
 
-@pytest.mark.parametrize("k,n,vocab", [(5, 10, 8000), (3, 6, 64), (4, 8, 24), (2, 4, 12)])
+@pytest.mark.parametrize("k,n,vocab", [(5, 10, 8000), (3, 6, 64), (4, 8, 24), (2, 4, 12),
+                                        (5, 10, 3963), (3, 6, 67), (2, 4, 13)])
 def test_two_stage_group_top_k_equals_one_top_k(k, n, vocab):
+    """Also over vocabularies that are not a multiple of 8, whose last columns are outside the
+    blocks: there the best candidates of some groups are put in those columns."""
     torch.manual_seed(vocab)
     total = torch.randn(7 * k, vocab).log_softmax(-1) + torch.randn(7 * k, 1)
     total[1:k] = float("-inf")  # the first step: one live beam in the first group
     total[k + 1, :vocab // 2] = float("-inf")  # banned tokens
+    total[2 * k, -1], total[3 * k + 1, -(vocab % 8 or 1):] = 9.0, torch.arange(vocab % 8 or 1) + 5.0
     values, indices = search._top_k_of_groups(total, k, n)
     expected = total.view(7, k * vocab).topk(n, dim=1)
     assert torch.equal(values, expected.values)

@@ -5,10 +5,12 @@ residual from the third layer up. Decoder: layer 1 over the target embeddings; i
 the attention over the encoder memory; the context is concatenated to the input of every upper
 layer and to the output layer. No input feeding, so teacher-forced training runs every layer as
 one whole-sequence fused call and the attention for all target positions as one batched op, and
-``step`` is the same code with T = 1. As in GNMT v2 the decoder starts from a zero state, unless
-``config.bridge``: then every decoder layer starts from ``tanh(W m)`` (h) and ``W' m`` (c) of the
-mean ``m`` of the encoder outputs, so the decoder knows the source before its attention has learned
-where to look (OpenNMT-py and Joey NMT pass the encoder's final states on in the same spirit).
+``step`` is the same code with T = 1, except that an LSTM's bottom layer reads its input gates
+from a table (:meth:`Seq2Seq.input_gate_table`). As in GNMT v2 the decoder starts from a zero
+state, unless ``config.bridge``: then every decoder layer starts from ``tanh(W m)`` (h) and
+``W' m`` (c) of the mean ``m`` of the encoder outputs, so the decoder knows the source before its
+attention has learned where to look (OpenNMT-py and Joey NMT pass the encoder's final states on
+in the same spirit).
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ from seq2seq.config import ModelConfig
 from seq2seq.model.attention import BahdanauAttention
 from seq2seq.model.recurrent import (
     BidirectionalLayer,
+    DerivedTensors,
     OutputLayer,
     RecurrentStack,
     State,
+    lstm_cell,
     make_embedding,
     rnn_flops,
     select_rows,
     step_log_probs,
 )
+
+INPUT_TABLE_BYTES = 64 << 20  # the bottom layer's input-gate table is used up to this size
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class Seq2Seq(nn.Module):
         if self.bridge is not None:
             nn.init.uniform_(self.bridge.weight, -c.init_scale, c.init_scale)
             nn.init.zeros_(self.bridge.bias)
+        self._input_table = DerivedTensors()  # see input_gate_table
 
     def initial_state(self, memory: Tensor, mask: Tensor) -> tuple[State, State]:
         """The decoder's first bottom and upper states for memory (B,S,H), mask (B,S): zeros, or
@@ -142,7 +149,7 @@ class Seq2Seq(nn.Module):
         """tgt_in (B,T) long over memory (B/group,S,H), keys (B/group,S,A), mask (B/group,S),
         from states (None = zeros) -> logits (B,T,V), attention weights (B,T,S), new bottom and
         upper states. ``group`` consecutive rows share one source sentence (beams, T = 1)."""
-        x, bottom = self.decoder_bottom(self.tgt_embed(tgt_in), bottom)  # (B, T, H)
+        x, bottom = self._bottom_layer(tgt_in, bottom)  # (B, T, H)
         if group > 1:  # each sentence's beams are its queries: (G, group, H)
             rows, _, hidden = x.shape
             context, weights = self.attention(x.view(rows // group, group, hidden), keys, memory,
@@ -153,6 +160,57 @@ class Seq2Seq(nn.Module):
         x, upper = self.decoder_upper(x, upper, extra=context)
         logits = self.output(torch.cat([x, context], dim=-1))
         return logits, weights, bottom, upper
+
+    def _bottom_layer(self, tgt_in: Tensor, bottom: State | None) -> tuple[Tensor, State]:
+        """The bottom decoder layer over the target embeddings: (B, T, H) and its state. A
+        decoding step (T = 1, no autograd, eval mode) of an LSTM takes ``E W_ih + b`` from
+        :meth:`input_gate_table` instead of a matmul: the gates are one ``addmm`` of ``h W_hh``
+        onto the fed ids' rows, then :func:`lstm_cell`."""
+        found = (self.input_gate_table() if tgt_in.size(1) == 1 and bottom is not None
+                 and not self.training and not torch.is_grad_enabled() else None)
+        if found is not None:
+            table, row_of = found
+            rows = tgt_in[:, 0] if row_of is None else row_of[tgt_in[:, 0]]
+            if row_of is None or bool((rows >= 0).all()):
+                lstm = self.decoder_bottom.layers[0]
+                h, c = bottom[0][:, 0], bottom[1][:, 0]
+                h, c = lstm_cell(torch.addmm(table.index_select(0, rows), h,
+                                             lstm.weight_hh_l0.t()), c)
+                return h[:, None], (h[:, None], c[:, None])
+        return self.decoder_bottom(self.tgt_embed(tgt_in), bottom)
+
+    def input_gate_table(self) -> tuple[Tensor, Tensor | None] | None:
+        """For decoding: the bottom LSTM's input gates ``E W_ih^T + b_ih + b_hh`` of every id the
+        decoder can be fed, (rows, 4H), and each id's row (-1 for none; None when row = id).
+
+        The bottom layer's input is the embedding of the previous token alone (no input
+        feeding), so its input half of the gate matmul — half of that layer's work, a tenth of a
+        beam-search step — is a lookup. The rows are the target vocabulary's ids when the model
+        has one, else every id; kept until the weights change (:class:`DerivedTensors`). None
+        for a GRU, an int8 model's layers, or a table over ``INPUT_TABLE_BYTES``.
+        """
+        lstm = self.decoder_bottom.layers[0]
+        if not isinstance(lstm, nn.LSTM):
+            return None
+        ids = self.output.target_ids()
+        weight = self.tgt_embed.weight
+        count = weight.shape[0] if ids is None else ids.numel()
+        if count * lstm.weight_ih_l0.shape[0] * weight.element_size() > INPUT_TABLE_BYTES:
+            return None
+
+        def compute() -> tuple[Tensor, Tensor | None]:
+            embedded = weight if ids is None else weight.index_select(0, ids)
+            table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, embedded, lstm.weight_ih_l0.t())
+            if ids is None:
+                return table, None
+            row_of = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+            row_of[ids] = torch.arange(ids.numel(), device=weight.device)
+            return table, row_of
+
+        sources = (weight, lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+        if self.output.target_mask is not None:
+            sources += (self.output.target_mask,)
+        return self._input_table.get(sources, compute)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V), or
