@@ -187,18 +187,18 @@ class Seq2Seq(nn.Module):
         feeding), so its input half of the gate matmul — half of that layer's work, a tenth of a
         beam-search step — is a lookup. The rows are the target vocabulary's ids when the model
         has one, else every id; kept until the weights change (:class:`DerivedTensors`). None
-        for a GRU, an int8 model's layers, or a table over ``INPUT_TABLE_BYTES``.
+        for a GRU, an int8 model's layers, or when a table over the whole vocabulary would pass
+        ``INPUT_TABLE_BYTES`` (a bound read off the shapes, so a step does no work to check it).
         """
         lstm = self.decoder_bottom.layers[0]
         if not isinstance(lstm, nn.LSTM):
             return None
-        ids = self.output.target_ids()
         weight = self.tgt_embed.weight
-        count = weight.shape[0] if ids is None else ids.numel()
-        if count * lstm.weight_ih_l0.shape[0] * weight.element_size() > INPUT_TABLE_BYTES:
+        if weight.shape[0] * lstm.weight_ih_l0.shape[0] * weight.element_size() > INPUT_TABLE_BYTES:
             return None
 
         def compute() -> tuple[Tensor, Tensor | None]:
+            ids = self.output.target_ids()
             embedded = weight if ids is None else weight.index_select(0, ids)
             table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, embedded, lstm.weight_ih_l0.t())
             if ids is None:
