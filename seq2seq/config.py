@@ -320,23 +320,11 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    return repr(value)
-
-
 def recipe_to_toml(recipe: Recipe) -> str:
     """Serialise the resolved recipe; ``load_recipe`` reads it back to an equal recipe."""
-    lines: list[str] = []
-    for section, values in recipe_to_dict(recipe).items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+    import tomli_w
+
+    return tomli_w.dumps(recipe_to_dict(recipe))
 
 
 def resolve_path(root: str, path: str) -> Path:

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from seq2seq.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.data import inference_batches
-from seq2seq.model import build_model, quantize_int8
+from seq2seq.files import atomic_write
+from seq2seq.model import QuantizationUnavailable, build_model, quantize_int8
 from seq2seq.model.recurrent import bound_primitive_cache
 from seq2seq.search import Hypothesis, decode
 from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer, tokenizer_from_bytes
@@ -47,7 +48,7 @@ class LoadedModel:
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[TextIO]:
     """A UTF-8 text file that appears at ``path`` only when the block completes
-    (:func:`~seq2seq.checkpoint.atomic_write`): a bad input line 5,000 or Ctrl-C leaves whatever
+    (:func:`~seq2seq.files.atomic_write`): a bad input line 5,000 or Ctrl-C leaves whatever
     ``path`` held before untouched. An unwritable place is an :class:`InferenceError`."""
     stack = contextlib.ExitStack()
     try:
@@ -87,7 +88,10 @@ def load_model(path: str | Path, device: str = "cpu", quantize: str | None = Non
     if quantize == "int8":
         if target.type != "cpu":
             raise InferenceError("--quantize int8 runs on the CPU only; use --device cpu")
-        model = quantize_int8(model, inplace=True)
+        try:
+            model = quantize_int8(model, inplace=True)
+        except QuantizationUnavailable as error:
+            raise InferenceError(str(error)) from None
     elif quantize not in (None, "", "none"):
         raise InferenceError(f"unknown quantisation {quantize!r}; use int8")
     return LoadedModel(recipe, model.to(target), tokenizer, target, int(payload.get("step", 0)))

@@ -1,10 +1,11 @@
 """Greedy decoding, sampling and GNMT beam search over one step protocol.
 
-Search sees only ``step(prev (N,) long, state) -> (log_probs (N, V), state)`` and
-``state.select(index (M,) long) -> state``; it reads ``state.coverage`` (N, S) and
-``state.attention`` (N, S) through ``getattr`` when a state offers them and knows nothing else of
-its layout. The log-probs a step returns belong to the search, which may write into them: beam
-search adds each row's score in place, so a step never holds two (N, V) tensors. State rows are
+Search sees only the protocols below: :class:`StepFn` ``step(prev (N,) long, state) ->
+(log_probs (N, V), state)`` and :class:`DecoderState` ``state.select(index (M,) long) -> state``;
+it reads ``state.attention`` (:class:`AttendingState`) and ``state.coverage``
+(:class:`CoveringState`) when a state exposes them, and knows nothing else of its layout. The
+log-probs a step returns belong to the search, which may write into them: beam search adds each
+row's score in place, so a step never holds two (N, V) tensors. State rows are
 decoding rows: one per input for greedy and sampling, ``inputs * beam`` (input-major) for beam
 search. Inputs that finish are dropped through ``state.select``.
 
@@ -26,9 +27,10 @@ Conventions shared by every strategy:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -36,10 +38,61 @@ from torch import Tensor
 from seq2seq.config import DecodeConfig
 from seq2seq.tokenizer import BOS, EOS, PAD, UNK
 
-StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 TokenCallback = Callable[[Tensor], None]
 NEG_INF = float("-inf")
 COVERAGE_EPS = 1e-6  # coverage floor: an unattended source word costs beta * log(1e-6), not -inf
+
+
+class DecoderState(Protocol):
+    """The decoding state of N rows. Immutable: ``step`` and ``select`` return new states."""
+
+    def select(self, index: Tensor) -> DecoderState:
+        """Rows by ``index`` (M,) long: expand to beams, reorder, drop finished rows."""
+        ...
+
+
+@runtime_checkable
+class AttendingState(DecoderState, Protocol):
+    """A state that exposes the attention of its last step, (N, S) over the source positions
+    (None: not exposed). Attention plots need it; so does the coverage penalty when the state
+    exposes no coverage (search then sums the attention history)."""
+
+    attention: Tensor | None
+
+
+@runtime_checkable
+class CoveringState(DecoderState, Protocol):
+    """A state that exposes its coverage: attention mass per source position summed over the
+    steps so far, (N, S) (None: not exposed)."""
+
+    coverage: Tensor | None
+
+
+class StepFn(Protocol):
+    """One decoding step: the previous tokens (N,) long -> next-token log-probs (N, V), which
+    the search may write into, and the new state."""
+
+    def __call__(self, prev: Tensor, state: DecoderState, /) -> tuple[Tensor, DecoderState]: ...
+
+
+class Decodable(Protocol):
+    """What inference and validation need of a model beyond its ``start``, whose arguments
+    differ by task: ``step`` and the token id of each log-prob column (None: column j is
+    token j)."""
+
+    def step(self, prev: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]: ...
+
+    def output_ids(self) -> Tensor | None: ...
+
+
+def exposed_attention(state: DecoderState) -> Tensor | None:
+    """``state.attention`` when the state exposes it, else None."""
+    return state.attention if isinstance(state, AttendingState) else None
+
+
+def exposed_coverage(state: DecoderState) -> Tensor | None:
+    """``state.coverage`` when the state exposes it, else None."""
+    return state.coverage if isinstance(state, CoveringState) else None
 
 
 @dataclass
@@ -85,13 +138,6 @@ def repeated_ngrams(history: Tensor, n: int, vocab_size: int) -> Tensor | None:
     hits = torch.zeros((history.shape[0], vocab_size), device=history.device)
     hits.scatter_add_(1, windows[:, :, -1], match.to(hits.dtype))
     return hits > 0
-
-
-def block_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
-    """``log_probs`` (N, V) with every token that would repeat an n-gram of ``history`` (N, t)
-    set to -inf (see :func:`repeated_ngrams`)."""
-    banned = repeated_ngrams(history, n, log_probs.shape[1])
-    return log_probs if banned is None else log_probs.masked_fill(banned, NEG_INF)
 
 
 def apply_rules(log_probs: Tensor, history: Tensor, rules: LogitRules,
@@ -159,9 +205,9 @@ def _at(x: Tensor | None, index: Tensor | int) -> Tensor | None:
     return None if x is None else x[index]
 
 
-def _step_attention(state: Any, history: Tensor | None) -> Tensor | None:
+def _step_attention(state: DecoderState, history: Tensor | None) -> Tensor | None:
     """Append the state's attention (R, S) to ``history`` (R, t, S) -> (R, t + 1, S)."""
-    attention = getattr(state, "attention", None)
+    attention = exposed_attention(state)
     if attention is None:
         return None
     attention = attention.detach().float()[:, None]
@@ -175,9 +221,10 @@ def _empty_hypotheses(max_lengths: Tensor, results: list[list[Hypothesis]]) -> T
     return (max_lengths > 0).nonzero().flatten()
 
 
-def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
-                choose: Callable[[Tensor], Tensor], on_tokens: TokenCallback | None,
-                keep_attention: bool, token_ids: Tensor | None) -> list[list[Hypothesis]]:
+def _token_loop(step: StepFn, state: DecoderState, first: Tensor, max_lengths: Tensor,
+                rules: LogitRules, choose: Callable[[Tensor], Tensor],
+                on_tokens: TokenCallback | None, keep_attention: bool,
+                token_ids: Tensor | None) -> list[list[Hypothesis]]:
     """One token per row per step, chosen by ``choose(log_probs (M, V)) -> (M,)`` columns."""
     n, device = first.shape[0], first.device
     results: list[list[Hypothesis]] = [[] for _ in range(n)]
@@ -217,7 +264,7 @@ def _token_loop(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
 
 
 @torch.no_grad()
-def greedy(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
+def greedy(step: StepFn, state: DecoderState, first: Tensor, max_lengths: Tensor, rules: LogitRules,
            on_tokens: TokenCallback | None = None, keep_attention: bool = True,
            token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
     """The most likely token at every step; one hypothesis per input.
@@ -230,7 +277,7 @@ def greedy(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: 
 
 
 @torch.no_grad()
-def sample(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
+def sample(step: StepFn, state: DecoderState, first: Tensor, max_lengths: Tensor, rules: LogitRules,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None, on_tokens: TokenCallback | None = None,
            keep_attention: bool = True, token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
@@ -308,11 +355,11 @@ class _Finished:
                 self.worst[i] = kept[-1].score
 
 
-def _coverage(state: Any, attention: Tensor | None, beta: float) -> Tensor | None:
+def _coverage(state: DecoderState, attention: Tensor | None, beta: float) -> Tensor | None:
     """Coverage (R, S): the state's, else the summed attention history; None when beta = 0."""
     if beta == 0:
         return None
-    coverage = getattr(state, "coverage", None)
+    coverage = exposed_coverage(state)
     if coverage is None and attention is not None:
         coverage = attention.sum(1)
     return None if coverage is None else coverage.detach().float()
@@ -372,8 +419,8 @@ def _bound(beams: _Beams, k: int, steps: int, alpha: float) -> Tensor:
 
 
 @torch.no_grad()
-def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, rules: LogitRules,
-                beam_size: int, n_best: int = 1, length_penalty: float = 0.6,
+def beam_search(step: StepFn, state: DecoderState, first: Tensor, max_lengths: Tensor,
+                rules: LogitRules, beam_size: int, n_best: int = 1, length_penalty: float = 0.6,
                 coverage_penalty: float = 0.0, keep_attention: bool = True,
                 token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
     """GNMT beam search; per input the ``n_best`` hypotheses, best score first.
@@ -412,10 +459,12 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
         total = raw.detach().float().add_(beams.log_prob[:, None])
         apply_rules(total, beams.tokens, rules, True, token_ids)
         del raw
-        history = keep_attention or (coverage_penalty != 0
-                                     and getattr(state, "coverage", None) is None)
+        history = keep_attention or (coverage_penalty != 0 and exposed_coverage(state) is None)
         attention = _step_attention(state, beams.attention) if history else None  # (R, t+1, S)
         coverage = _coverage(state, attention, coverage_penalty)  # (R, S)
+        if coverage is None and coverage_penalty != 0 and t == 0:
+            warnings.warn("coverage_penalty has no effect: the model's decoding state exposes "
+                          "neither attention nor coverage", RuntimeWarning, stacklevel=3)
         if beams.real is None and coverage is not None:
             beams.real = (coverage.view(-1, k, coverage.shape[1]) > 0).any(1)
         scores, parents, tokens = _candidates(total, k)
@@ -454,8 +503,8 @@ def beam_search(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, ru
         state, prev = state.select(origin[rows]), chosen[rows]
 
 
-def decode(step: StepFn, state: Any, first: Tensor, max_lengths: Tensor, config: DecodeConfig,
-           strategy: str, generator: torch.Generator | None = None,
+def decode(step: StepFn, state: DecoderState, first: Tensor, max_lengths: Tensor,
+           config: DecodeConfig, strategy: str, generator: torch.Generator | None = None,
            on_tokens: TokenCallback | None = None, keep_attention: bool = True,
            token_ids: Tensor | None = None) -> list[list[Hypothesis]]:
     """Run ``strategy`` ("beam" | "greedy" | "sample") with the settings of ``config``.

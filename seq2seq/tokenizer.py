@@ -18,6 +18,7 @@ from typing import Protocol
 import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
+from seq2seq.files import atomic_write
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -83,9 +84,6 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode([int(i) for i in ids if i > EOS])
-
-    def pieces(self, text: str) -> list[str]:
-        return self._processor.encode(text, out_type=str)
 
     def to_bytes(self) -> bytes:
         return self._proto
@@ -171,9 +169,8 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
     """Write the tokenizer to ``directory/tokenizer.<kind>`` and return the path."""
     path = Path(directory) / f"tokenizer.{tokenizer.kind}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(tokenizer.to_bytes())
-    tmp.replace(path)
+    with atomic_write(path) as handle:
+        handle.write(tokenizer.to_bytes())
     return path
 
 

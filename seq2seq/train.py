@@ -25,6 +25,7 @@ from seq2seq import checkpoint as ckpt
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe, TrainConfig, recipe_to_dict, recipe_to_toml
 from seq2seq.events import LogCallback, LogWindow, TensorBoardSink, fan_out, summary_writer_class
+from seq2seq.files import atomic_write
 from seq2seq.inference import load_model
 from seq2seq.model import build_model
 from seq2seq.model.recurrent import bound_primitive_cache
@@ -385,7 +386,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
                                     "or choose another --out")
             out_dir.mkdir(parents=True, exist_ok=True)
             handler = _attach_log_file(out_dir)
-            (out_dir / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
+            with atomic_write(out_dir / "recipe.toml", "w", encoding="utf-8") as handle:
+                handle.write(recipe_to_toml(recipe))
             if warm is not None:
                 save_tokenizer(warm.tokenizer, out_dir)
             sink = TensorBoardSink(out_dir) if recipe.train.tensorboard else None

@@ -261,6 +261,14 @@ def test_bad_translate_options_and_input(toy_run):
     assert_user_error(invoke("translate", best, input=b"a b\n\xff\xfe\n"), "line 2", "UTF-8")
 
 
+def test_int8_without_torch_ao_is_a_clear_error(toy_run, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # import raises ImportError
+    assert_user_error(invoke("translate", toy_run / "best.pt", "--quantize", "int8",
+                             input="a\n"), "torch.ao.quantization", "fp32")
+
+
 def test_translate_output_file_is_replaced_only_on_success(toy_run, tmp_path):
     """A bad input line leaves an existing --output file exactly as it was, and no stray files."""
     out = tmp_path / "out.txt"

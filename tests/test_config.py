@@ -24,6 +24,16 @@ def test_every_recipe_loads_and_round_trips_through_toml(path, tmp_path):
     assert load_recipe(saved) == recipe
 
 
+@pytest.mark.parametrize("root", ["a\nb", 'quote " and \\ back', "tab\tand \u00e9\u00df \U0001F600",
+                                  "[section]\nkey = 1"])
+def test_any_string_value_round_trips_through_toml(root, tmp_path):
+    recipe = load_recipe(RECIPES[0], [f"data.root={root}"])
+    assert recipe.data.root == root
+    saved = tmp_path / "recipe.toml"
+    saved.write_text(recipe_to_toml(recipe), encoding="utf-8")
+    assert load_recipe(saved) == recipe
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_key_is_commented(path):
     for number, line in enumerate(path.read_text().splitlines(), start=1):

@@ -25,9 +25,9 @@ from seq2seq.search import (
     LogitRules,
     apply_rules,
     beam_search,
-    block_repeated_ngrams,
     decode,
     greedy,
+    repeated_ngrams,
     sample,
     top_k_filter,
     top_p_filter,
@@ -263,13 +263,17 @@ def test_min_and_max_length_hold(strategy, kwargs):
 
 def test_no_repeat_ngram_pure_function():
     history = torch.tensor([[A, B, A], [A, B, C]])
-    out = block_repeated_ngrams(torch.zeros(2, V), history, 2)
-    assert torch.isinf(out[0, B]) and torch.isfinite(out[0]).sum() == V - 1  # "A B" seen
-    assert torch.isfinite(out[1]).all()  # "C ?" never seen
-    out = block_repeated_ngrams(torch.zeros(1, V), torch.tensor([[A, B, C, A, B]]), 3)
-    assert torch.isinf(out[0, C]) and torch.isfinite(out[0]).sum() == V - 1
-    out = block_repeated_ngrams(torch.zeros(1, V), torch.tensor([[A, B, A]]), 1)
-    assert torch.isinf(out[0, [A, B]]).all() and torch.isfinite(out[0]).sum() == V - 2
+    banned = repeated_ngrams(history, 2, V)
+    assert banned[0].nonzero().flatten().tolist() == [B]  # "A B" seen
+    assert not banned[1].any()  # "C ?" never seen
+    banned = repeated_ngrams(torch.tensor([[A, B, C, A, B]]), 3, V)
+    assert banned[0].nonzero().flatten().tolist() == [C]
+    banned = repeated_ngrams(torch.tensor([[A, B, A]]), 1, V)
+    assert banned[0].nonzero().flatten().tolist() == sorted([A, B])
+    assert repeated_ngrams(torch.tensor([[A, B]]), 3, V) is None  # too short to repeat
+    # apply_rules masks exactly those (and PAD and BOS)
+    out = apply_rules(torch.zeros(2, V), history, LogitRules(no_repeat_ngram=2))
+    assert torch.isinf(out[0, [PAD, BOS, B]]).all() and torch.isfinite(out[0]).sum() == V - 3
 
 
 def test_apply_rules_in_place_equals_the_copy():
@@ -650,3 +654,29 @@ def test_columns_over_token_ids_decode_like_the_full_vocabulary(strategy, kwargs
         assert [h.score for h in mine] == pytest.approx([h.score for h in ref], abs=1e-6)
         assert all(torch.equal(a.attention, b.attention) for a, b in zip(mine, ref, strict=True)
                    if a.attention is not None)
+
+
+def test_a_coverage_penalty_without_attention_warns_and_changes_nothing():
+    # a state that exposes neither attention nor coverage: the penalty cannot apply
+    table = TableStep({(): dist({A: 0.6, EOS: 0.4}), (A,): dist({EOS: 0.9, B: 0.1})},
+                      default=dist({EOS: 1.0}))
+    plain = run(beam_search, table, max_len=[4], beam_size=2, n_best=2)
+    with pytest.warns(RuntimeWarning, match="coverage_penalty has no effect"):
+        penalised = run(beam_search, table, max_len=[4], beam_size=2, n_best=2,
+                        coverage_penalty=0.5)
+    assert [h.tokens for h in penalised[0]] == [h.tokens for h in plain[0]]
+    assert [h.score for h in penalised[0]] == [h.score for h in plain[0]]
+
+
+def test_the_models_states_satisfy_the_search_protocols():
+    from seq2seq.config import ModelConfig
+    from seq2seq.model import CharLM, Seq2Seq
+
+    config = ModelConfig(hidden_size=8, embed_dim=8, encoder_layers=2, decoder_layers=2)
+    model = Seq2Seq(config, 16).eval()
+    state = model.start(torch.tensor([[5, 6, EOS]]), torch.tensor([3]))
+    assert isinstance(state, search.AttendingState) and isinstance(state, search.CoveringState)
+    lm_state = CharLM(config, 16).start(2)
+    assert not isinstance(lm_state, search.AttendingState)
+    assert search.exposed_attention(lm_state) is None
+    assert search.exposed_coverage(state) is state.coverage

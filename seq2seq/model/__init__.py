@@ -17,10 +17,11 @@ from torch import nn
 
 from seq2seq.config import ConfigError, ModelConfig
 from seq2seq.model.lm import CharLM, LMState
-from seq2seq.model.quantize import quantize_int8
+from seq2seq.model.quantize import QuantizationUnavailable, quantize_int8
 from seq2seq.model.seq2seq import Seq2Seq, TranslationState
 
-__all__ = ["CharLM", "LMState", "Seq2Seq", "TranslationState", "build_model", "quantize_int8"]
+__all__ = ["CharLM", "LMState", "QuantizationUnavailable", "Seq2Seq", "TranslationState",
+           "build_model", "quantize_int8"]
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,37 @@ slower than the fused fp32 oneDNN kernel, so the decoder's LSTM layers (which de
 step at a time) become :class:`StepLSTM`: one int8 matmul of ``[x; h]`` against the stacked gate
 weights per step, then the pointwise cell update. The encoder, which runs whole sentences at once,
 keeps the fused fp32 kernel. GRU layers stay fp32.
+
+This is the only module that imports ``torch.ao.quantization``. It is deprecated upstream in
+favour of torchao, whose CPU int8 path measured slower here; if a torch build no longer has it,
+``quantize_int8`` raises :class:`QuantizationUnavailable` and fp32 decoding is unaffected.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from seq2seq.model.recurrent import OutputLayer, RecurrentStack, lstm_cell
+
+
+class QuantizationUnavailable(RuntimeError):
+    """This torch has no ``torch.ao.quantization``."""
+
+
+def _quantize_dynamic() -> Callable[..., nn.Module]:
+    """``torch.ao.quantization.quantize_dynamic``, or a clear error when torch dropped it."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as error:
+        raise QuantizationUnavailable(
+            f"int8 needs torch.ao.quantization, which torch {torch.__version__} does not have; "
+            "decode in fp32 (no --quantize) or install torch<=2.13") from error
+    return quantize_dynamic
 
 
 class StepLSTM(nn.Module):
@@ -69,8 +89,7 @@ def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
     classifier (whose weight may be the tied embedding, so it is not an ``nn.Linear``) and the
     decoder's LSTM layers (as :class:`StepLSTM`). A copy, unless ``inplace`` (which saves holding
     the model twice while loading)."""
-    from torch.ao.quantization import quantize_dynamic
-
+    quantize_dynamic = _quantize_dynamic()
     if not inplace:
         model = copy.deepcopy(model)
     for stack in _step_stacks(model):
@@ -81,6 +100,8 @@ def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
         warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
         model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
         for module in model.modules():
-            if isinstance(module, OutputLayer):
-                module.quantize_classifier()
+            if isinstance(module, OutputLayer):  # its weight may be the tied embedding
+                linear = nn.Sequential(module.classifier_linear())
+                module.int8_classifier = quantize_dynamic(linear, {nn.Linear},
+                                                          dtype=torch.qint8)[0]
     return model

@@ -220,7 +220,7 @@ class OutputLayer(nn.Module):
         # every id until restrict() is told the target side's; None: the whole vocabulary
         mask = torch.ones(vocab_size, dtype=torch.bool) if target_vocabulary else None
         self.register_buffer("target_mask", mask)
-        self.int8_classifier: nn.Module | None = None  # set by quantize_classifier()
+        self.int8_classifier: nn.Module | None = None  # set by model.quantize.quantize_int8
         self._compact = DerivedTensors()  # the classifier's rows while decoding
 
     def restrict(self, ids: Tensor) -> None:
@@ -244,16 +244,14 @@ class OutputLayer(nn.Module):
         column = torch.cumsum(self.target_mask, 0) - 1
         return torch.where(self.target_mask[ids], column[ids], torch.ones_like(ids))
 
-    def quantize_classifier(self) -> None:
-        """Use a dynamic int8 copy of the classifier (CPU inference; the largest matmul)."""
-        from torch.ao.quantization import quantize_dynamic
-
+    def classifier_linear(self) -> nn.Linear:
+        """A detached copy of the classifier over the columns it scores, as an ``nn.Linear``
+        (for int8 quantisation, which takes linear modules: see ``model/quantize.py``)."""
         weight, bias = self._classifier()
-        linear = nn.Linear(weight.shape[1], weight.shape[0])
+        linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
         linear.weight = nn.Parameter(weight.detach().clone())
         linear.bias = nn.Parameter(bias.detach().clone())
-        self.int8_classifier = quantize_dynamic(nn.Sequential(linear), {nn.Linear},
-                                                dtype=torch.qint8)[0]
+        return linear
 
     def _classifier(self) -> tuple[Tensor, Tensor]:
         """The classifier's (rows, width) weight and bias: the target vocabulary's rows, or

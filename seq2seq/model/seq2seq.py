@@ -62,11 +62,6 @@ class TranslationState:
     coverage: Tensor  # (N, S) attention mass summed over the steps so far (0 at padding)
     attention: Tensor  # (N, S) the last step's attention weights (zeros before the first step)
 
-    @property
-    def row_mask(self) -> Tensor:
-        """(N, S) bool: the source mask of every decoding row."""
-        return self.mask.index_select(0, self.source)
-
     def select(self, index: Tensor) -> TranslationState:
         """Rows by ``index`` (M,) long: expand to beams, reorder, drop finished."""
         sentences, source = torch.unique(self.source.index_select(0, index), return_inverse=True)
