@@ -369,7 +369,7 @@ def _top_k_of_groups(total: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
     """The n largest values of each group of k consecutive rows of ``total`` (M*K, V), and their
     indices into the group's K*V values: each (M, n), as ``total.view(M, K*V).topk(n)`` gives.
 
-    Two stages, about 3x faster than that at beam 5 over 4k-8k vocabularies: the first 8W
+    Two stages, faster than that (``benchmarks/kernels.py`` measures both): the first 8W
     columns of each row (W = V // 8) are cut into W blocks of 8 strided columns (j, j + W, ...),
     the n blocks with the largest maxima are kept, and a top-n over their 8n values and the
     last V - 8W (< 8) columns of the group's rows finishes. Exact: each of the n largest values

@@ -16,7 +16,8 @@ The additive score needs ``tanh`` over a (B, T, S, A) tensor: about 60M floats (
 4,000-token batch, several times over in plain autograd (sum, tanh, its gradient, the outer
 product with ``v``). :class:`_AdditiveScores` instead computes it in blocks of batch rows that stay
 in cache and recomputes ``tanh`` in the backward pass, so nothing of that size is ever stored.
-It evaluates ``tanh`` as ``2 sigmoid(2x) - 1`` because torch's CPU sigmoid is about 5x faster.
+It evaluates ``tanh`` as ``2 sigmoid(2x) - 1``, which torch runs faster on CPUs
+(``benchmarks/kernels.py`` measures both).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _block_rows(q: Tensor, k: Tensor) -> int:
 
 def _half_tanh(q2: Tensor, k: Tensor) -> Tensor:
     """sigmoid(q2 + 2k) as (b, T, S, A) for q2 (b, T, A) = 2q and k (b, S, A): that is
-    (1 + tanh(q + k)) / 2. torch's CPU sigmoid is about 5x faster than its tanh (1.3 ns per
-    element on two Zen 4 cores), and the identity is exact."""
+    (1 + tanh(q + k)) / 2: the identity is exact, and torch's CPU sigmoid is faster than its
+    tanh (``benchmarks/kernels.py``)."""
     return torch.add(q2.unsqueeze(2), k.unsqueeze(1), alpha=2).sigmoid_()
 
 

@@ -8,8 +8,9 @@ weights per step, then the pointwise cell update. The encoder, which runs whole 
 keeps the fused fp32 kernel. GRU layers stay fp32.
 
 This is the only module that imports ``torch.ao.quantization``. It is deprecated upstream in
-favour of torchao, whose CPU int8 path measured slower here; if a torch build no longer has it,
-``quantize_int8`` raises :class:`QuantizationUnavailable` and fp32 decoding is unaffected.
+favour of torchao; it stays until torchao's dynamic int8 is measured faster on CPU (torchao is
+not a dependency). If a torch build no longer has it, ``quantize_int8`` raises
+:class:`QuantizationUnavailable` and fp32 decoding is unaffected.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """One LSTM update from pre-activation ``gates`` (N, 4H) in torch's order (input, forget,
     cell, output), overwritten, and c (N, H) -> (h', c'). ``c' = f c + i g``, ``h' = o tanh(c')``,
     each tanh as ``2 sigmoid(2x) - 1`` so that one in-place sigmoid covers all four gates
-    (torch's CPU sigmoid is 5x faster than its tanh on AVX2 and AVX-512 alike)."""
+    (torch's CPU sigmoid is faster than its tanh: ``benchmarks/kernels.py``)."""
     hidden = c.shape[-1]
     gates[:, 2 * hidden : 3 * hidden] *= 2
     i, f, g, o = gates.sigmoid_().chunk(4, dim=-1)

@@ -1,0 +1,103 @@
+"""The CPU kernel choices behind the decoder and the attention, re-measured on this machine.
+
+The code takes a few measured shortcuts (DESIGN section 6): ``tanh`` evaluated as
+``2 sigmoid(2x) - 1`` (``lstm_cell``, the additive attention), and beam search's two-stage
+top-k over (beam x vocabulary) scores. Whether a shortcut pays depends on the CPU and torch's
+kernels for it, so this script measures each next to the plain form; the last line is one JSON
+object with every figure and the machine.
+
+    python benchmarks/kernels.py --threads 2
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as decode_speed.py: sleep, do not spin
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine, machine_line  # noqa: E402
+
+from seq2seq.search import _top_k_of_groups  # noqa: E402
+
+
+def seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def elementwise(n: int, repeats: int) -> dict[str, float]:
+    """ns per element of tanh and of the sigmoid form of tanh, in place on ``n`` floats."""
+    x = torch.randn(n)
+    work = x.clone()
+
+    def tanh() -> None:
+        work.copy_(x).tanh_()
+
+    def sigmoid_tanh() -> None:
+        work.copy_(x).mul_(2).sigmoid_().mul_(2).sub_(1)
+
+    def copy() -> None:
+        work.copy_(x)
+
+    base = seconds(copy, repeats)
+    return {"tanh_ns": (seconds(tanh, repeats) - base) / n * 1e9,
+            "sigmoid_form_ns": (seconds(sigmoid_tanh, repeats) - base) / n * 1e9}
+
+
+def top_k(rows: int, beam: int, vocab: int, repeats: int) -> dict[str, float]:
+    """ms of the plain top-2K over each input's (beam x vocabulary) scores, and the two-stage
+    top-k of beam search, which must agree."""
+    scores = torch.randn(rows * beam, vocab)
+    plain = scores.view(rows, beam * vocab).topk(2 * beam, dim=1)
+    staged = _top_k_of_groups(scores, beam, 2 * beam)
+    assert torch.equal(plain.values, staged[0]), "two-stage top-k disagrees with topk"
+    return {"plain_ms": seconds(lambda: scores.view(rows, -1).topk(2 * beam, dim=1),
+                                repeats) * 1e3,
+            "two_stage_ms": seconds(lambda: _top_k_of_groups(scores, beam, 2 * beam),
+                                    repeats) * 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    machine = describe_machine()
+    print(machine_line(machine))
+    results: dict[str, object] = {"machine": machine}
+    for n in (1 << 16, 1 << 22):
+        figures = elementwise(n, args.repeats)
+        results[f"tanh_{n}"] = figures
+        print(f"tanh over {n:,} floats: {figures['tanh_ns']:.3f} ns/element; as "
+              f"2 sigmoid(2x) - 1: {figures['sigmoid_form_ns']:.3f} "
+              f"({figures['tanh_ns'] / figures['sigmoid_form_ns']:.1f}x)")
+    for rows, vocab in ((200, 4000), (200, 8000), (40, 32000)):
+        figures = top_k(rows, 5, vocab, args.repeats)
+        results[f"topk_{rows}x5x{vocab}"] = figures
+        print(f"top-10 of {rows} inputs x 5 beams x {vocab:,}: plain {figures['plain_ms']:.2f} ms, "
+              f"two-stage {figures['two_stage_ms']:.2f} ms "
+              f"({figures['plain_ms'] / figures['two_stage_ms']:.1f}x)")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
