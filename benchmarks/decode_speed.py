@@ -20,11 +20,11 @@ A ratio to the OpenNMT-py peer is printed only for the beams given a ``--peer-su
 ``summary.txt`` of ``../shared/peers/translate_onmt.sh`` decoded on this machine in this session
 (its beam size is read from the file; the ratio is to its decode-only sentences/s).
 
-    /work/venv/bin/python benchmarks/decode_speed.py                       # random weights
-    /work/venv/bin/python benchmarks/decode_speed.py --int8 --threads 2
-    /work/venv/bin/python benchmarks/decode_speed.py --checkpoint runs/x/best.pt --int8
-    /work/venv/bin/python benchmarks/decode_speed.py --sentences 40 --threads 1   # smoke test
-    /work/venv/bin/python benchmarks/decode_speed.py --checkpoint runs/x/best.pt \\
+    python benchmarks/decode_speed.py                       # random weights
+    python benchmarks/decode_speed.py --int8 --threads 2
+    python benchmarks/decode_speed.py --checkpoint runs/x/best.pt --int8
+    python benchmarks/decode_speed.py --sentences 40 --threads 1   # smoke test
+    python benchmarks/decode_speed.py --checkpoint runs/x/best.pt \\
         --peer-summary ~/peers/runs/onmt_20m/decode/beam5_b64/summary.txt \\
         --peer-summary ~/peers/runs/onmt_20m/decode/beam1_b64/summary.txt
 """

@@ -10,8 +10,8 @@ shared): ``mfu_median`` is the median over steps of each step's FLOP/s over its 
 ``mfu_vs_best_peak`` divides the overall FLOP/s by the best peak seen. The machine (CPU, ISA and
 that best peak) is printed before the JSON and recorded in it.
 
-    /work/venv/bin/python benchmarks/train_speed.py --steps 4 --threads 2
-    /work/venv/bin/python benchmarks/train_speed.py --output-projection off --profile
+    python benchmarks/train_speed.py --steps 4 --threads 2
+    python benchmarks/train_speed.py --output-projection off --profile
 
 The last line printed is one JSON object with every configuration's figures.
 """
