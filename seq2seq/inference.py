@@ -25,7 +25,7 @@ from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.data import inference_batches
 from seq2seq.files import atomic_write
 from seq2seq.model import QuantizationUnavailable, build_model, quantize_int8
-from seq2seq.model.recurrent import bound_primitive_cache
+from seq2seq.model.recurrent import DECODING_PRIMITIVE_CACHE, bound_primitive_cache
 from seq2seq.search import Hypothesis, decode
 from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer, tokenizer_from_bytes
 
@@ -74,7 +74,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LoadedModel:
     """Rebuild the model and tokenizer from a checkpoint alone."""
-    bound_primitive_cache()
+    bound_primitive_cache(DECODING_PRIMITIVE_CACHE)
     payload = load_checkpoint(path, mmap=True)
     try:
         recipe = recipe_from_dict(payload["recipe"])
