@@ -366,6 +366,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     """
     bound_primitive_cache()
     out_dir = Path(out_dir)
+    if resume and not (out_dir / "last.pt").exists():  # before any heavy work
+        raise TrainingError(f"{out_dir / 'last.pt'}: nothing to resume; start without --resume")
     warm = None
     if init_from is not None:
         if resume:
@@ -396,10 +398,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         task.encode(tokenizer)
         trainer = Trainer(recipe, out_dir, ctx, task, tokenizer, fan_out(on_log, sink))
         if resume:
-            last = out_dir / "last.pt"
-            if not last.exists():
-                raise TrainingError(f"{last}: nothing to resume; start without --resume")
-            trainer.restore(last)
+            trainer.restore(out_dir / "last.pt")
         if warm is not None:
             trainer.warm_start(warm.model.state_dict(), Path(init_from))
         return trainer.run()

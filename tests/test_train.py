@@ -224,8 +224,11 @@ def test_subword_sampling_resume_equals_uninterrupted_training(tmp_path):
 def test_existing_run_and_missing_resume_are_clear_errors(tmp_path, lm_run, lm_text):
     with pytest.raises(TrainingError, match="already holds a run"):
         train(lm_recipe(lm_text, "train.max_steps=1"), lm_run)
+    # said before any data is read: this recipe's corpus does not exist
+    missing = lm_recipe(tmp_path / "no-such-text.txt", "train.max_steps=1")
     with pytest.raises(TrainingError, match="nothing to resume"):
-        train(lm_recipe(lm_text, "train.max_steps=1"), tmp_path / "empty", resume=True)
+        train(missing, tmp_path / "empty", resume=True)
+    assert not (tmp_path / "empty").exists()  # and nothing was written
 
 
 def test_nonfinite_losses_skip_updates_then_stop(tmp_path, monkeypatch):
