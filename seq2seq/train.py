@@ -123,6 +123,12 @@ def prepare_tokenizer(recipe: Recipe, out_dir: Path, texts: Callable[[], Iterato
     return tokenizer
 
 
+def corpus_cache(recipe: Recipe, out_dir: Path) -> Path:
+    """Where encoded corpora live: data.cache_dir (shared by runs; keyed by tokenizer and
+    files) or, by default, the run directory."""
+    return Path(recipe.data.cache_dir) if recipe.data.cache_dir else out_dir / "corpus"
+
+
 def build_tokenizer(recipe: Recipe, out_dir: str | Path) -> tuple[Path, int, float]:
     """Train the recipe's tokenizer into ``out_dir``: (path, vocabulary size, coverage).
 
@@ -391,7 +397,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             sink = TensorBoardSink(out_dir) if recipe.train.tensorboard else None
         task = make_task(recipe, ctx)
         tokenizer = prepare_tokenizer(recipe, out_dir, task.tokenizer_texts, ctx)
-        task.encode(tokenizer)
+        task.encode(tokenizer, corpus_cache(recipe, out_dir))
         trainer = Trainer(recipe, out_dir, ctx, task, tokenizer, fan_out(on_log, sink))
         if resume:
             last = out_dir / "last.pt"
