@@ -526,8 +526,8 @@ class TokenBatchSampler(_Position):
             raise ValueError(f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target")
         if max_tokens < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad max_tokens={max_tokens}, rank={rank}, world_size={world_size}")
-        self.src_lengths = np.asarray(src_lengths, dtype=np.int64)
-        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64)
+        self.src_lengths = np.asarray(src_lengths, dtype=np.int32)  # 4 bytes an example
+        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int32)
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
         self.rank, self.world_size = rank, world_size
         # per epoch: the example order and this rank's batches as [start, end) spans of it
@@ -540,6 +540,8 @@ class TokenBatchSampler(_Position):
         similar sources too); ties in random order when shuffling."""
         src, tgt = torch.from_numpy(self.src_lengths), torch.from_numpy(self.tgt_lengths)
         top = int(src.max())
+        if (top + 1) * (int(tgt.max()) + 1) >= 2**31:  # int32 keys, unless they would overflow
+            src, tgt = src.long(), tgt.long()
         key = tgt * (top + 1) + torch.where(tgt % 2 == 0, src, top - src)
         if not self.shuffle:
             return torch.sort(key, stable=True).indices.numpy()
@@ -548,16 +550,21 @@ class TokenBatchSampler(_Position):
 
     def _cut(self, order: np.ndarray) -> list[int]:
         """Greedy batches over ``order`` whose padded cost stays within the budget, as the
-        boundaries of [start, end) spans of ``order``."""
-        bounds, size, max_src, max_tgt = [0], 0, 0, 0
-        sources, targets = self.src_lengths[order].tolist(), (self.tgt_lengths[order] + 1).tolist()
-        for k, (s, t) in enumerate(zip(sources, targets, strict=True)):
-            new_src, new_tgt = max(max_src, s), max(max_tgt, t)
-            if size and (size + 1) * (new_src + new_tgt) > self.max_tokens:
-                bounds.append(k)
-                size, new_src, new_tgt = 0, s, t
-            size += 1
-            max_src, max_tgt = new_src, new_tgt
+        boundaries of [start, end) spans of ``order``. (Plain Python over slices of a million
+        examples: the running maxima make it sequential, and small lists keep memory flat.)"""
+        bounds, size, max_src, max_tgt, budget = [0], 0, 0, 0, self.max_tokens
+        for begin in range(0, len(order), 1 << 20):
+            part = order[begin : begin + (1 << 20)]
+            sources, targets = self.src_lengths[part].tolist(), self.tgt_lengths[part].tolist()
+            for k, s in enumerate(sources, begin):
+                t = targets[k - begin] + 1
+                new_src = s if s > max_src else max_src
+                new_tgt = t if t > max_tgt else max_tgt
+                if size and (size + 1) * (new_src + new_tgt) > budget:
+                    bounds.append(k)
+                    size, new_src, new_tgt = 0, s, t
+                size += 1
+                max_src, max_tgt = new_src, new_tgt
         bounds.append(len(order))
         return bounds
 
@@ -596,8 +603,8 @@ class TokenBatchSampler(_Position):
         after this call; the epoch and the position in it stay."""
         if len(src_lengths) != len(self.src_lengths) or len(tgt_lengths) != len(self.tgt_lengths):
             raise ValueError("set_lengths needs one source and one target length per example")
-        self.src_lengths = np.asarray(src_lengths, dtype=np.int64)
-        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64)
+        self.src_lengths = np.asarray(src_lengths, dtype=np.int32)
+        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int32)
         self._cache = None
         len(self)  # fail early when the examples cannot be shared by the ranks
 
