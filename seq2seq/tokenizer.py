@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -143,11 +143,20 @@ class CharTokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], config: TokenizerConfig) -> SentencePieceTokenizer:
-    """Train a joint SentencePiece model in memory from an iterator of sentences."""
-    model = io.BytesIO()
+    """Train a joint SentencePiece model in memory from an iterator of sentences. An error
+    raised by the iterator (a corpus read as a stream: bad UTF-8 at some line) is raised as
+    itself, not wrapped in SentencePiece's message."""
+    model, failures = io.BytesIO(), []
+
+    def guarded() -> Iterator[str]:
+        try:
+            yield from texts
+        except Exception as error:  # re-raised below, once SentencePiece has returned
+            failures.append(error)
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
+            sentence_iterator=guarded(),
             model_writer=model,
             vocab_size=config.vocab_size,
             model_type=config.model_type,
@@ -159,7 +168,11 @@ def train_sentencepiece(texts: Iterable[str], config: TokenizerConfig) -> Senten
             minloglevel=2,
         )
     except RuntimeError as error:
+        if failures:
+            raise failures[0] from None
         raise TokenizerError(f"SentencePiece training failed: {error}") from None
+    if failures:
+        raise failures[0]
     return SentencePieceTokenizer(model.getvalue())
 
 

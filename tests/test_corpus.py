@@ -282,3 +282,24 @@ def test_a_local_hf_dataset_goes_through_the_same_arrays(tmp_path, hf_offline, t
     pairs = old.read_parallel(recipe.data, "train")
     assert [list(r) for r in task.train.tgt] == old.encode_pairs(pairs, tokenizer, 50).tgt
     assert len(task.train) == 30 and (tmp_path / "cache").iterdir()
+
+
+def test_bad_utf8_met_while_the_tokenizer_trains_is_one_error_line(tmp_path):
+    """The stream reaches SentencePiece's trainer first; its error is not wrapped in theirs."""
+    from typer.testing import CliRunner
+
+    from seq2seq.cli import app
+
+    (tmp_path / "train.de").write_bytes(b"gut\nschlecht \xff\n")
+    (tmp_path / "train.en").write_bytes(b"good\nbad\n")
+    (tmp_path / "val.de").write_text("a\n")
+    (tmp_path / "val.en").write_text("b\n")
+    result = CliRunner().invoke(app, ["train", str(RECIPES / "multi30k_de_en.toml"), "--out",
+                                      str(tmp_path / "run"), "--set", f"data.root={tmp_path}",
+                                      "--set", "data.train=train.{lang}", "--set",
+                                      "data.valid=val.{lang}"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].endswith("train.de: line 2 is not valid UTF-8; re-encode the file as UTF-8 "
+                              "(e.g. with iconv)") and lines[-1].startswith("error: ")
+    assert "SentencePiece" not in result.stderr
