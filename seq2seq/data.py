@@ -376,8 +376,11 @@ class Ragged:
 
     @property
     def lengths(self) -> np.ndarray:
-        """(N,) int64 row lengths."""
-        return np.diff(self.offsets)
+        """(N,) int32 row lengths, computed a million rows at a time (no int64 copy)."""
+        lengths, step = np.empty(len(self), dtype=np.int32), 1 << 20
+        for start in range(0, len(self), step):
+            lengths[start : start + step] = np.diff(self.offsets[start : start + step + 1])
+        return lengths
 
     def gather(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(rows ``indices`` concatenated, their lengths (len(indices),) int64)."""
@@ -544,9 +547,9 @@ class TokenBatchSampler(_Position):
             src, tgt = src.long(), tgt.long()
         key = tgt * (top + 1) + torch.where(tgt % 2 == 0, src, top - src)
         if not self.shuffle:
-            return torch.sort(key, stable=True).indices.numpy()
+            return torch.sort(key, stable=True).indices.int().numpy()
         perm = torch.randperm(len(key), generator=generator)
-        return perm[torch.sort(key[perm], stable=True).indices].numpy()
+        return perm[torch.sort(key[perm], stable=True).indices].int().numpy()  # int32: 4 bytes
 
     def _cut(self, order: np.ndarray) -> list[int]:
         """Greedy batches over ``order`` whose padded cost stays within the budget, as the
