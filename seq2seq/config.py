@@ -41,6 +41,7 @@ class DataConfig:
     hf_test_split: str = "test"
     hf_translation_field: str = ""  # nested {lang: text} column (as in wmt16), "" = flat fields
     max_length: int = 100  # pairs with a side longer than this many tokens are dropped
+    cache_dir: str = ""  # encoded corpora (memory-mapped by every rank); "" = RUN_DIR/corpus
     valid_max_lines: int = 0  # validate on the first N lines only (0 = all)
     text: str = ""  # character LM corpus; "" = Tiny Shakespeare shipped in the package
     valid_fraction: float = 0.1  # character LM: the last fraction of the text validates

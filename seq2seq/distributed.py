@@ -1,15 +1,21 @@
 """The process group from torchrun's environment, and the few collectives training needs.
 
 Under ``torchrun`` every process sees RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
-without them (or with WORLD_SIZE=1) we run as one process and every helper here is a no-op, so
-the training loop has no single-process branches. Backend: gloo on CPU (tests run distributed
-on a laptop), NCCL on CUDA.
+without them we run as one process and every helper here is a no-op, so the training loop has no
+single-process branches. torchrun with one process (WORLD_SIZE=1 with MASTER_ADDR) still makes a
+group of one, so a single GPU runs every collective through NCCL. Backend: gloo on CPU (tests run
+distributed on a laptop), NCCL on CUDA.
+
+Collectives take and return Python numbers; the tensors they travel in are made here, on the
+device the group's backend accepts (NCCL: this process's GPU; gloo: the CPU), so no caller can
+hand NCCL a CPU tensor. No other module calls ``torch.distributed`` (a test holds this).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +23,10 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+
+class DistributedError(ValueError):
+    """A launch that cannot work (bad torchrun environment, more processes than GPUs)."""
 
 
 @dataclass(frozen=True)
@@ -43,21 +53,23 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
     """Resolve "auto" | "cpu" | "cuda" to this process's device; set the current CUDA device."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise DistributedError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available; "
+        raise DistributedError("device 'cuda' was requested but CUDA is not available; "
                          "use train.device=cpu or auto")
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
-                         "devices are visible; start fewer processes per node")
+    per_node = max(_env_int("LOCAL_WORLD_SIZE", 1), local_rank + 1)
+    if per_node > torch.cuda.device_count():
+        raise DistributedError(f"{per_node} processes on this node but only "
+                               f"{torch.cuda.device_count()} CUDA devices are visible; start at "
+                               "most one process per GPU (torchrun --nproc-per-node)")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -66,19 +78,22 @@ def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group described by torchrun's environment (or run as one process).
 
     ``device``: "auto" (CUDA when available), "cpu" or "cuda". With CUDA each process uses
-    ``cuda:LOCAL_RANK``. Raises ValueError for a CUDA request without CUDA or a bad environment.
+    ``cuda:LOCAL_RANK``. Raises DistributedError for a CUDA request without CUDA, more processes
+    on a node than GPUs, or an environment torchrun would not make (WORLD_SIZE > 1 without
+    MASTER_ADDR / MASTER_PORT).
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}; launch with torchrun")
+        raise DistributedError(f"RANK={rank} is outside WORLD_SIZE={world_size}; launch with "
+                               "torchrun")
     target = _pick_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
-        if missing:
-            raise ValueError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; "
-                             "launch with torchrun")
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+    if world_size > 1 and missing:
+        raise DistributedError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; "
+                               "launch with torchrun")
+    if not missing and not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
         extra = {"device_id": target} if target.type == "cuda" else {}
         dist.init_process_group(backend, rank=rank, world_size=world_size, **extra)
@@ -88,7 +103,14 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """Where the group's backend takes tensors: this process's GPU for NCCL, else the CPU."""
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def shutdown() -> None:
@@ -97,14 +119,31 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes in place and return it (unchanged in one process).
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """The element-wise sums of ``values`` over all processes (``values`` itself in one)."""
+    if not _active():
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
 
-    With NCCL the tensor must live on this process's CUDA device.
-    """
-    if _active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+
+def from_main(values: Sequence[float]) -> list[float]:
+    """Rank 0's ``values`` on every process: one decision, taken once, for everyone."""
+    if not _active():
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` in one process)."""
+    if not _active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

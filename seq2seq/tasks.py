@@ -10,18 +10,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq import data
+from seq2seq import corpus, data
+from seq2seq import distributed as dist
 from seq2seq.config import Recipe
 from seq2seq.distributed import DistContext
 from seq2seq.evaluate import perplexity, score_corpus
 from seq2seq.inference import encode_source, translate_ids
-from seq2seq.tokenizer import EOS, PAD, SentencePieceTokenizer, Tokenizer
+from seq2seq.tokenizer import EOS, PAD, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class Task(Protocol):
     def steps_per_epoch(self) -> int: ...
 
     def tokenizer_texts(self) -> Iterator[str]: ...
-    def encode(self, tokenizer: Tokenizer) -> None: ...
+    def encode(self, tokenizer: Tokenizer, cache_dir: Path) -> None: ...
     def output_vocabulary(self) -> torch.Tensor | None: ...
     def next_step(self) -> list[Any]: ...
     def target_tokens(self, batch: Any) -> int: ...
@@ -65,23 +68,59 @@ class Task(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def _cached(ctx: DistContext, entry: Path, inputs: dict[str, Any], build: Any) -> dict[str, Any]:
+    """The manifest of ``entry``, built first where needed: by rank 0, then by the first rank
+    of each node that does not see it (a cache directory that is not shared), while the
+    others wait."""
+    for builder in (ctx.is_main, ctx.local_rank == 0 and not ctx.is_main):
+        if builder and corpus.read_manifest(entry, inputs) is None:
+            build()
+        dist.barrier()
+    manifest = corpus.read_manifest(entry, inputs)
+    if manifest is None:
+        raise data.DataError(f"{entry}: the encoded corpus is missing; check that "
+                             "data.cache_dir is writable")
+    return manifest
+
+
 class TranslationTask:
-    """Parallel text in length-bucketed token-budget batches, sharded over ranks."""
+    """Parallel text in length-bucketed token-budget batches, sharded over ranks. The training
+    pairs are read as a stream and encoded once into a memory-mapped cache (seq2seq.corpus)."""
 
     def __init__(self, recipe: Recipe, ctx: DistContext):
         self.recipe, self.ctx = recipe, ctx
-        self.train_pairs = data.read_parallel(recipe.data, "train", seed=recipe.train.seed)
         self.valid_pairs = data.read_parallel(recipe.data, "valid", seed=recipe.train.seed)
 
+    def _train_pairs(self) -> Iterator[tuple[str, str]]:
+        return data.iter_parallel(self.recipe.data, "train", seed=self.recipe.train.seed)
+
     def tokenizer_texts(self) -> Iterator[str]:
-        for source, target in self.train_pairs:
+        for source, target in self._train_pairs():
             yield source
             yield target
 
-    def encode(self, tokenizer: Tokenizer) -> None:
+    def _encode_train(self, tokenizer: Tokenizer, cache_dir: Path) -> data.ParallelData:
+        """The training pairs from the cache, encoded into it first when needed."""
+        recipe, max_length = self.recipe, self.recipe.data.max_length
+        inputs = corpus.built_from(tokenizer, data.source_key(recipe.data, "train",
+                                                              recipe.train.seed),
+                                   max_length=max_length)
+        entry = corpus.entry_dir(cache_dir, "pairs", inputs)
+
+        def build() -> None:
+            files = [Path(f[0]) for f in inputs["source"].get("files", [])]
+            needed = corpus.text_bytes(files) * 3 // 2  # int32 ids at >= 3 bytes of text each
+            corpus.build_parallel(entry, inputs, self._train_pairs(), tokenizer, max_length,
+                                  needed)
+
+        return corpus.open_parallel(entry, _cached(self.ctx, entry, inputs, build))
+
+    def encode(self, tokenizer: Tokenizer, cache_dir: Path) -> None:
         self.tokenizer = tokenizer
         max_length, config = self.recipe.data.max_length, self.recipe.train
-        self.train = data.encode_pairs(self.train_pairs, tokenizer, max_length)
+        self.train = self._encode_train(tokenizer, cache_dir)
+        if self.recipe.tokenizer.sampling_alpha > 0:  # re-segmenting needs the text each epoch
+            self.train_pairs = data.read_parallel(self.recipe.data, "train", config.seed)
         self.valid = data.encode_pairs(self.valid_pairs, tokenizer, max_length)
         # One optimizer step takes world_size * accumulate consecutive batches of similar length;
         # micro-batch j of rank r is "virtual rank" r * accumulate + j. So one process with
@@ -136,11 +175,12 @@ class TranslationTask:
 
     def output_vocabulary(self) -> torch.Tensor:
         """The ids the training targets use (EOS included): the model's target vocabulary."""
-        seen = torch.zeros(self.tokenizer.vocab_size, dtype=torch.bool)
-        for ids in self.best_train.tgt:
-            seen[ids] = True
+        seen = np.zeros(self.tokenizer.vocab_size, dtype=bool)
+        ids = self.best_train.tgt.ids
+        for start in range(0, len(ids), 1 << 24):  # in slices: the ids may be a large memmap
+            seen[np.unique(ids[start : start + (1 << 24)])] = True
         seen[EOS] = True
-        return seen.nonzero().squeeze(1)
+        return torch.from_numpy(seen.nonzero()[0]).long()
 
     def loss(self, model: nn.Module, batch: data.Batch,
              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,22 +223,50 @@ class LanguageModelTask:
 
     def __init__(self, recipe: Recipe, ctx: DistContext):
         self.recipe, self.ctx = recipe, ctx
-        text = data.read_text(recipe.data)
-        self.train_text, self.valid_text = data.split_text(text, recipe.data.valid_fraction)
+        data.split_text("", recipe.data.valid_fraction)  # a bad fraction fails here
         self.carry: Any = None
         self.saved_carry: dict[str, torch.Tensor] | None = None
 
     def tokenizer_texts(self) -> Iterator[str]:
-        yield self.train_text
+        """The training part of the text (all but the last valid_fraction of its characters),
+        in chunks: a first pass counts the characters."""
+        total = sum(len(chunk) for chunk in data.iter_lm_text(self.recipe.data))
+        left = total - round(total * self.recipe.data.valid_fraction)
+        for chunk in data.iter_lm_text(self.recipe.data):
+            if left <= 0:
+                return
+            yield chunk[:left]
+            left -= len(chunk)
 
     def output_vocabulary(self) -> None:
         """The LM predicts its whole vocabulary."""
         return None
 
-    def encode(self, tokenizer: Tokenizer) -> None:
+    def _encode_text(self, tokenizer: Tokenizer, cache_dir: Path) -> tuple[Any, Any]:
+        """(train ids, valid ids): for characters, views of the cached, memory-mapped ids of
+        the whole text (one id per character, so the split by characters is a split of the
+        ids); other tokenizers encode the two parts in memory."""
+        recipe = self.recipe
+        if not isinstance(tokenizer, CharTokenizer):
+            train_text, valid_text = data.split_text(data.read_text(recipe.data),
+                                                     recipe.data.valid_fraction)
+            return (torch.tensor(tokenizer.encode(train_text)),
+                    torch.tensor(tokenizer.encode(valid_text)))
+        inputs = corpus.built_from(tokenizer, data.source_key(recipe.data, "text"))
+        entry = corpus.entry_dir(cache_dir, "text", inputs)
+
+        def build() -> None:
+            files = [Path(f[0]) for f in inputs["source"].get("files", [])]
+            needed = corpus.text_bytes(files) * np.dtype(tokenizer.dtype).itemsize
+            corpus.build_text(entry, inputs, data.iter_lm_text(recipe.data), tokenizer, needed)
+
+        ids = corpus.open_text(entry, _cached(self.ctx, entry, inputs, build))
+        cut = len(ids) - round(len(ids) * recipe.data.valid_fraction)
+        return ids[:cut], ids[cut:]
+
+    def encode(self, tokenizer: Tokenizer, cache_dir: Path) -> None:
         config, world = self.recipe.train, self.ctx.world_size
-        self.train_ids = torch.tensor(tokenizer.encode(self.train_text))
-        self.valid_ids = torch.tensor(tokenizer.encode(self.valid_text))
+        self.train_ids, self.valid_ids = self._encode_text(tokenizer, cache_dir)
         # Every rank walks the same stream and takes its own rows: disjoint text per rank.
         self.stream = data.LMStream(self.train_ids, config.batch_size * world, config.bptt)
         self._chunks = iter(self.stream)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
@@ -39,6 +41,8 @@ class Tokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -67,6 +71,10 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._processor.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of many texts in one call, on every CPU core (SentencePiece's threads)."""
+        return self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)
 
     def encode_sampled(self, texts: Sequence[str], alpha: float, nbest: int = -1,
                        seed: int = 0) -> list[list[int]]:
@@ -105,6 +113,25 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self._index.get(char, UNK) for char in text]
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger]:
+        """The smallest unsigned type that holds every id (uint8 for up to 256 ids)."""
+        return np.uint8 if self.vocab_size <= 256 else np.uint16 if self.vocab_size <= 65536 \
+            else np.uint32
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as an array of :attr:`dtype`, vectorised (for corpora, chunk by chunk):
+        code points are looked up among the vocabulary's, sorted."""
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        known = np.array(sorted([ord(c) for c in self.chars] + [0x110000]), dtype=np.uint32)
+        ids = np.array([self._index.get(chr(p), UNK) if p < 0x110000 else UNK for p in known],
+                       dtype=self.dtype)
+        where = np.searchsorted(known, points)  # a sentinel above every code point ends `known`
+        return np.where(known[where] == points, ids[where], UNK).astype(self.dtype)
+
     def decode(self, ids: Sequence[int]) -> str:
         first = len(SPECIALS)
         return "".join(self.chars[i - first] for i in (int(i) for i in ids) if i >= first)
@@ -114,11 +141,20 @@ class CharTokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], config: TokenizerConfig) -> SentencePieceTokenizer:
-    """Train a joint SentencePiece model in memory from an iterator of sentences."""
-    model = io.BytesIO()
+    """Train a joint SentencePiece model in memory from an iterator of sentences. An error
+    raised by the iterator (a corpus read as a stream: bad UTF-8 at some line) is raised as
+    itself, not wrapped in SentencePiece's message."""
+    model, failures = io.BytesIO(), []
+
+    def guarded() -> Iterator[str]:
+        try:
+            yield from texts
+        except Exception as error:  # re-raised below, once SentencePiece has returned
+            failures.append(error)
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
+            sentence_iterator=guarded(),
             model_writer=model,
             vocab_size=config.vocab_size,
             model_type=config.model_type,
@@ -130,7 +166,11 @@ def train_sentencepiece(texts: Iterable[str], config: TokenizerConfig) -> Senten
             minloglevel=2,
         )
     except RuntimeError as error:
+        if failures:
+            raise failures[0] from None
         raise TokenizerError(f"SentencePiece training failed: {error}") from None
+    if failures:
+        raise failures[0]
     return SentencePieceTokenizer(model.getvalue())
 
 

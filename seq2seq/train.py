@@ -3,6 +3,11 @@
 Budgets (steps, minutes, epochs) stop training, then it validates and saves. Each optimizer step
 normalises the summed loss by the global number of target tokens, so gradient accumulation and
 DistributedDataParallel give the same update as one process with the same global batch.
+
+Under DDP every decision that ends or shapes training is taken once and shared: rank 0's clock
+drives the time budget and the schedule, rank 0's validation drives patience, and a non-finite
+loss on any rank skips the step on all. So the ranks stop together and step with the same
+learning rate. Dropout differs per rank (seed + rank), and each rank's RNG is checkpointed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ from seq2seq.inference import load_model
 from seq2seq.model import build_model
 from seq2seq.model.recurrent import bound_primitive_cache
 from seq2seq.tasks import Task, make_task
-from seq2seq.tokenizer import Tokenizer, coverage, load_tokenizer, save_tokenizer, train_tokenizer
+from seq2seq.tokenizer import (
+    Tokenizer,
+    coverage,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_from_bytes,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +123,26 @@ def matmul_peak_flops(device: torch.device, seconds: float = 0.5, size: int = 20
 
 def prepare_tokenizer(recipe: Recipe, out_dir: Path, texts: Callable[[], Iterator[str]],
                       ctx: dist.DistContext) -> Tokenizer:
-    """The run directory's tokenizer, trained on rank 0 first when there is none."""
-    if ctx.is_main and load_tokenizer(out_dir) is None:
-        started = time.perf_counter()
-        tokenizer = train_tokenizer(texts(), recipe.tokenizer)
-        save_tokenizer(tokenizer, out_dir)
-        log.info("trained a %s tokenizer with %d entries in %.1f s", tokenizer.kind,
-                 tokenizer.vocab_size, time.perf_counter() - started)
-    dist.barrier()
-    tokenizer = load_tokenizer(out_dir)
-    assert tokenizer is not None
-    return tokenizer
+    """The run directory's tokenizer, trained on rank 0 first when there is none, and sent to
+    every rank (other nodes need not see the run directory)."""
+    shared = None
+    if ctx.is_main:
+        tokenizer = load_tokenizer(out_dir)
+        if tokenizer is None:
+            started = time.perf_counter()
+            tokenizer = train_tokenizer(texts(), recipe.tokenizer)
+            save_tokenizer(tokenizer, out_dir)
+            log.info("trained a %s tokenizer with %d entries in %.1f s", tokenizer.kind,
+                     tokenizer.vocab_size, time.perf_counter() - started)
+        shared = (tokenizer.kind, tokenizer.to_bytes())
+    kind, data = dist.broadcast_object(shared)
+    return tokenizer_from_bytes(kind, data)
+
+
+def corpus_cache(recipe: Recipe, out_dir: Path) -> Path:
+    """Where encoded corpora live: data.cache_dir (shared by runs; keyed by tokenizer and
+    files) or, by default, the run directory."""
+    return Path(recipe.data.cache_dir) if recipe.data.cache_dir else out_dir / "corpus"
 
 
 def build_tokenizer(recipe: Recipe, out_dir: str | Path) -> tuple[Path, int, float]:
@@ -142,8 +163,9 @@ class Trainer:
                  tokenizer: Tokenizer, on_log: LogCallback | None = None):
         self.recipe, self.config, self.out_dir, self.ctx = recipe, recipe.train, out_dir, ctx
         self.task, self.tokenizer, self.on_log = task, tokenizer, on_log
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(self.config.seed)  # the same initial weights on every rank
         self.model = build_model(recipe.model, tokenizer.vocab_size, recipe.data.task)
+        torch.manual_seed(self.config.seed + ctx.rank)  # dropout masks differ between ranks
         if recipe.model.target_vocabulary:
             self.model.output.restrict(task.output_vocabulary())
         self.model.to(ctx.device)
@@ -174,6 +196,7 @@ class Trainer:
             "recipe": recipe_to_dict(self.recipe), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.progress.step},
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
+            "rng_ranks": dist.all_gather_object(ckpt.rng_state()),
             "step": self.progress.step, "epoch": self.task.epoch,
             "elapsed": self.progress.elapsed, "best": self.progress.best,
             "bad_validations": self.progress.bad_validations,
@@ -191,7 +214,14 @@ class Trainer:
         self.task.load_state_dict(payload["data_position"])
         self.progress = Progress(payload["step"], payload["elapsed"], payload["best"],
                                  payload["bad_validations"], payload["metrics"])
-        ckpt.set_rng_state(payload["rng"])
+        ranks = payload.get("rng_ranks") or [payload["rng"]]
+        if len(ranks) == self.ctx.world_size:
+            ckpt.set_rng_state(ranks[self.ctx.rank])
+        else:  # another world size: still reproducible, and still different per rank
+            ckpt.set_rng_state(payload["rng"])
+            torch.manual_seed(self.config.seed + self.ctx.rank + self.progress.step)
+            log.info("the checkpoint holds the RNG of %d ranks, not %d: reseeded from the step",
+                     len(ranks), self.ctx.world_size)
         log.info("resumed from %s at step %d", path, self.progress.step)
 
     def warm_start(self, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -208,9 +238,10 @@ class Trainer:
                  path)
 
     def save(self, is_best: bool) -> None:
+        """Rank 0 writes; every rank calls this (it gathers the ranks' RNG states)."""
+        payload = self.payload()
         if not self.ctx.is_main:
             return
-        payload = self.payload()
         ckpt.save_checkpoint(self.out_dir / "last.pt", payload)
         if is_best:
             ckpt.save_checkpoint(self.out_dir / "best.pt", payload)
@@ -222,9 +253,9 @@ class Trainer:
     def train_step(self, micro_batches: list[Any]) -> dict[str, float]:
         """Forward/backward over the micro-batches, then one clipped optimizer update."""
         self.ddp.train()
-        target_tokens = torch.tensor(float(sum(self.task.target_tokens(b) for b in micro_batches)))
+        target_tokens = float(sum(self.task.target_tokens(b) for b in micro_batches))
         # Normalise by the global token count; DDP averages over ranks, so scale it back up.
-        scale = self.ctx.world_size / dist.all_reduce_sum(target_tokens).item()
+        scale = self.ctx.world_size / dist.all_reduce_sum([target_tokens])[0]
         totals = torch.zeros(4)  # loss, nll, target tokens, source + target tokens
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -244,11 +275,11 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         finite = math.isfinite(totals[0].item()) and bool(torch.isfinite(norm))
-        bad = torch.tensor([0.0 if finite else 1.0])
         lr = learning_rate(self.config, self.progress.step, self.budget_spent())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if dist.all_reduce_sum(bad).item() > 0 and self.autocast_dtype != torch.float16:
+        any_bad = dist.all_reduce_sum([0.0 if finite else 1.0])[0] > 0
+        if any_bad and self.autocast_dtype != torch.float16:
             self.nonfinite_in_row += 1
             log.warning("non-finite loss or gradient at step %d: skipping the update (%d in a row)",
                         self.progress.step, self.nonfinite_in_row)
@@ -276,37 +307,38 @@ class Trainer:
             self.on_log(event)
 
     def budget_spent(self) -> float:
-        """The fraction of the step, time or epoch budget spent (drives the schedule)."""
+        """The fraction of the step, time or epoch budget spent (drives the schedule); the same
+        on every rank, since step, epoch and (rank 0's) elapsed time are."""
         return budget_fraction(self.config, self.progress.step, self.progress.elapsed,
                                self.task.steps_per_epoch)
 
     def out_of_budget(self) -> bool:
-        """Whether any budget is spent; rank 0's clock decides for every rank."""
+        """Whether any budget is spent; the same answer on every rank (see budget_spent)."""
         config, progress = self.config, self.progress
-        done = (config.max_steps and progress.step >= config.max_steps) or \
-            (config.max_epochs and self.task.epoch >= config.max_epochs) or \
-            (config.max_minutes and progress.elapsed >= 60.0 * config.max_minutes)
-        flag = torch.tensor([1.0 if done and self.ctx.is_main else 0.0])
-        return dist.all_reduce_sum(flag).item() > 0
+        return bool((config.max_steps and progress.step >= config.max_steps) or
+                    (config.max_epochs and self.task.epoch >= config.max_epochs) or
+                    (config.max_minutes and progress.elapsed >= 60.0 * config.max_minutes))
 
     def validate(self) -> dict[str, Any]:
-        """Validation metrics on rank 0; keeps best.pt and counts patience."""
-        metrics: dict[str, Any] = {}
+        """Validation metrics on rank 0, shared with every rank with the patience count, so
+        that all ranks stop on the same validation; keeps best.pt."""
+        progress, improved = self.progress, False
         if self.ctx.is_main:
             metrics = self.task.validate(self.model, self.recipe)
             key = self.config.valid_metric if self.config.valid_metric in metrics else "loss"
             value = metrics[key] if key == "bleu" else -metrics[key]
-            improved = self.progress.best is None or value > self.progress.best
+            improved = progress.best is None or value > progress.best
             if improved:
-                self.progress.best = value
-                self.progress.bad_validations = 0
+                progress.best, progress.bad_validations = value, 0
             else:
-                self.progress.bad_validations += 1
-            self.progress.metrics = metrics
-            self.save(is_best=improved)
-            self.emit({"event": "valid", "step": self.progress.step, **metrics})
-        dist.barrier()
-        return metrics
+                progress.bad_validations += 1
+            progress.metrics = metrics
+        shared = (progress.best, progress.bad_validations, progress.metrics, improved)
+        progress.best, progress.bad_validations, progress.metrics, improved = \
+            dist.broadcast_object(shared)
+        self.save(is_best=improved)
+        self.emit({"event": "valid", "step": progress.step, **progress.metrics})
+        return progress.metrics
 
     def log_train(self, window: LogWindow, lr: float) -> None:
         """One train event: the interval's mean loss, nll and gradient norm (this rank's
@@ -329,7 +361,9 @@ class Trainer:
             started = time.perf_counter()
             stats = self.train_step(self.task.next_step())
             self.progress.step += 1
-            self.progress.elapsed += time.perf_counter() - started
+            # rank 0's clock for all: the time budget and the schedule decide alike everywhere
+            self.progress.elapsed = dist.from_main(
+                [self.progress.elapsed + time.perf_counter() - started])[0]
             window.add(stats, self.ctx.world_size)
             if self.progress.step % self.config.log_every == 0:
                 self.log_train(window, stats["lr"])
@@ -377,7 +411,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         recipe = dataclasses.replace(recipe, tokenizer=warm.recipe.tokenizer)
     if recipe.train.tensorboard:
         summary_writer_class()  # a missing package fails here, before anything is written
-    ctx = dist.init_distributed(recipe.train.device)
+    try:
+        ctx = dist.init_distributed(recipe.train.device)
+    except dist.DistributedError as error:
+        raise TrainingError(str(error)) from None
     if recipe.train.threads and ctx.device.type == "cpu":
         torch.set_num_threads(recipe.train.threads)
     handler = sink = None
@@ -395,7 +432,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             sink = TensorBoardSink(out_dir) if recipe.train.tensorboard else None
         task = make_task(recipe, ctx)
         tokenizer = prepare_tokenizer(recipe, out_dir, task.tokenizer_texts, ctx)
-        task.encode(tokenizer)
+        task.encode(tokenizer, corpus_cache(recipe, out_dir))
         trainer = Trainer(recipe, out_dir, ctx, task, tokenizer, fan_out(on_log, sink))
         if resume:
             trainer.restore(out_dir / "last.pt")

@@ -141,3 +141,32 @@ def test_int8_is_refused_on_cuda(cuda_toy_run):
     result = CliRunner().invoke(app, ["translate", str(cuda_toy_run / "best.pt"), "--device",
                                       "cuda", "--quantize", "int8"], input="1 2\n")
     assert result.exit_code == 2 and "CPU only" in result.output
+
+
+def test_a_torchrun_group_of_one_runs_every_collective_through_nccl(tmp_path, monkeypatch):
+    """torchrun with one process makes a real NCCL group of size 1, so training runs every
+    collective of the loop (token counts, the non-finite vote, rank 0's clock, the shared
+    validation, the RNG gather) through NCCL on one GPU; each tensor lands on the GPU."""
+    import torch.distributed as tdist
+
+    from seq2seq import distributed
+
+    from .test_train import _free_port
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                        ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(_free_port()))):
+        monkeypatch.setenv(name, value)
+    seen: list[tuple[str, str]] = []
+    for name in ("all_reduce", "broadcast"):
+        real = getattr(tdist, name)
+
+        def wrapper(tensor, *args, _real=real, **kwargs):
+            seen.append((tdist.get_backend(), tensor.device.type))
+            return _real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(tdist, name, wrapper)
+    train(toy_recipe("train.max_steps=6", "train.valid_every=3", "train.device=cuda",
+                     "model.hidden_size=32", "data.toy_valid_size=10"), tmp_path)
+    assert seen and set(seen) == {("nccl", "cuda")}
+    assert not tdist.is_initialized() and distributed.collective_device().type == "cpu"

@@ -15,9 +15,12 @@ import torch
 
 from seq2seq.distributed import (
     DistContext,
+    DistributedError,
+    all_gather_object,
     all_reduce_sum,
     barrier,
     broadcast_object,
+    from_main,
     init_distributed,
     shutdown,
 )
@@ -27,16 +30,19 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 WORKER = textwrap.dedent("""
     import json, sys
     import torch
-    from seq2seq.distributed import (
-        all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown)
+    from seq2seq.distributed import (all_gather_object, all_reduce_sum, barrier,
+        broadcast_object, from_main, init_distributed, shutdown)
 
     ctx = init_distributed("cpu")
-    total = all_reduce_sum(torch.tensor([float(ctx.rank + 1), 10.0]))
+    total = all_reduce_sum([float(ctx.rank + 1), 10.0])
+    shared = from_main([float(ctx.rank + 7)])
+    gathered = all_gather_object({"rank": ctx.rank})
     obj = broadcast_object({"from": ctx.rank, "items": [1, 2, 3]} if ctx.is_main else None)
     barrier()
     with open(sys.argv[1], "w") as handle:
         json.dump({"rank": ctx.rank, "world_size": ctx.world_size, "is_main": ctx.is_main,
-                   "device": str(ctx.device), "total": total.tolist(), "obj": obj}, handle)
+                   "device": str(ctx.device), "total": total, "obj": obj, "shared": shared,
+                   "gathered": gathered}, handle)
     shutdown()
 """)
 
@@ -58,8 +64,8 @@ def test_single_process_is_a_no_op(no_torchrun) -> None:
     assert ctx == DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert ctx.is_main and not ctx.is_distributed
     assert not torch.distributed.is_initialized()
-    tensor = torch.tensor([1.0, 2.0])
-    assert all_reduce_sum(tensor) is tensor and tensor.tolist() == [1.0, 2.0]
+    assert all_reduce_sum([1.0, 2]) == [1.0, 2.0] and from_main([3]) == [3.0]
+    assert all_gather_object("x") == ["x"]
     obj = {"a": 1}
     assert broadcast_object(obj) is obj
     barrier()
@@ -81,8 +87,33 @@ def test_bad_requests_are_clear(no_torchrun, monkeypatch) -> None:
             init_distributed("cuda")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT not set"):
+    with pytest.raises(DistributedError, match="MASTER_ADDR, MASTER_PORT not set"):
         init_distributed("cpu")
+
+
+def test_more_processes_on_a_node_than_gpus_is_refused(no_torchrun, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # even the ranks that have a GPU refuse
+    with pytest.raises(DistributedError, match="4 processes on this node but only 2 CUDA"):
+        init_distributed("cuda")
+
+
+def test_a_launch_without_torchrun_is_one_error_line_and_exit_2(no_torchrun, monkeypatch,
+                                                                 tmp_path):
+    from typer.testing import CliRunner
+
+    from seq2seq.cli import app
+
+    from .conftest import RECIPES
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(app, ["train", str(RECIPES / "toy_reverse.toml"), "--out",
+                                      str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: WORLD_SIZE=2 but MASTER_ADDR")
 
 
 def test_two_gloo_processes(tmp_path: Path) -> None:
@@ -110,3 +141,5 @@ def test_two_gloo_processes(tmp_path: Path) -> None:
         assert result["world_size"] == 2 and result["device"] == "cpu"
         assert result["total"] == [3.0, 20.0]  # (0+1) + (1+1), 10 + 10
         assert result["obj"] == {"from": 0, "items": [1, 2, 3]}
+        assert result["shared"] == [7.0]  # rank 0's value everywhere
+        assert result["gathered"] == [{"rank": 0}, {"rank": 1}]
