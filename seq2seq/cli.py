@@ -277,6 +277,43 @@ def generate(
     _run(action)
 
 
+@app.command()
+def serve(
+    checkpoints: Checkpoints,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for every interface)")] = (
+        "127.0.0.1"),
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
+    max_sentences: Annotated[int, typer.Option(help="Sentences per request (more: 413)")] = 64,
+    max_chars: Annotated[int, typer.Option(help="Characters per sentence (more: 413)")] = 2000,
+    max_beam: Annotated[int, typer.Option(help="Largest beam a request may ask for")] = 16,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="How long to gather concurrent requests into one batch")] = 5.0,
+    batch_tokens: Annotated[int, typer.Option(
+        help="Source tokens that end the gathering early (0 = the recipe's batch budget)")] = 0,
+) -> None:
+    """Serve translation (or generation) over HTTP: POST /translate, POST /generate, GET /health,
+    GET /info, OpenAPI docs at /docs, and a page at /. Needs the serve extra."""
+    try:
+        from seq2seq import serve as server
+    except ImportError as error:
+        _fail(error)
+    _setup_logging()
+
+    def action() -> None:
+        limits = server.Limits(max_sentences=max_sentences, max_chars=max_chars,
+                               max_beam=max_beam, batch_wait_ms=batch_wait_ms,
+                               batch_tokens=batch_tokens)
+        for name, value in dataclasses.asdict(limits).items():
+            if value < 0 or (value == 0 and name not in ("batch_wait_ms", "batch_tokens")):
+                raise server.InferenceError(f"--{name.replace('_', '-')} must be positive, "
+                                            f"got {value}")
+        server.serve(checkpoints, host, port, device, quantize, limits)
+
+    _run(action)
+
+
 @app.command("average-checkpoints")
 def average_checkpoints(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints of one run")],
