@@ -289,7 +289,8 @@ def serve(
     max_chars: Annotated[int, typer.Option(help="Characters per sentence (more: 413)")] = 2000,
     max_beam: Annotated[int, typer.Option(help="Largest beam a request may ask for")] = 16,
     batch_wait_ms: Annotated[
-        float, typer.Option(help="How long to gather concurrent requests into one batch")] = 5.0,
+        float, typer.Option(help="Gather requests into one batch until they pause this long "
+                                 "(at most 10 times as long in all)")] = 5.0,
     batch_tokens: Annotated[int, typer.Option(
         help="Source tokens that end the gathering early (0 = the recipe's batch budget)")] = 0,
 ) -> None:

@@ -6,10 +6,11 @@ OpenAPI schema at ``/openapi.json`` and docs at ``/docs``, and a small page at `
 
 Requests that arrive together are decoded together: handlers tokenise and check their input on
 the event loop, then hand it to a :class:`Batcher`, one thread that owns the model. It takes the
-first waiting job, gathers what else arrives for a few milliseconds (or until a source-token
-budget is full), and runs one :func:`~seq2seq.inference.translate_ids` per set of decode options,
-the batched search the command line uses. A bad request gets a 4xx JSON ``{"error": ...}`` naming
-the problem and never reaches the model; SIGTERM finishes the requests in flight, then exits 0.
+first waiting job, gathers what else arrives until requests pause for a few milliseconds (or a
+source-token budget is full), and runs one :func:`~seq2seq.inference.translate_ids` per set of
+decode options, the batched search the command line uses. A bad request gets a 4xx JSON
+``{"error": ...}`` naming the problem and never reaches the model; SIGTERM finishes the requests
+in flight, then exits 0.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ except ModuleNotFoundError as missing:
 log = logging.getLogger(__name__)
 
 TRIM_EVERY = 64  # batches between returning freed heap pages to the system (see inference)
+GATHER_CAP = 10  # a batch gathers for at most this many waits
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Limits:
     max_beam: int = 16  # beam_size (422)
     max_new_tokens: int = 2000  # /generate (422)
     max_samples: int = 8  # /generate num_samples (422)
-    batch_wait_ms: float = 5.0  # how long the batcher gathers concurrent requests
+    batch_wait_ms: float = 5.0  # the batcher gathers until requests pause this long (x10 at most)
     batch_tokens: int = 0  # source-token budget of one gathered batch (0 = the recipe's)
 
 
@@ -158,14 +160,17 @@ class Batcher:
                 release_free_memory()
 
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
-        """The first job and what else arrives within the wait, up to the token budget."""
+        """The first job and those that follow it closely: gathering ends when no job comes for
+        the wait, when the token budget is full, or after ``GATHER_CAP`` waits in all (so a
+        steady stream of requests still gets answered). Under load the clients of the last
+        batch send their next requests within a few milliseconds of each other, and waiting
+        for the lull puts them in one search instead of several small ones."""
         jobs, tokens = [first], first.tokens
-        deadline = time.monotonic() + self.wait_s
+        deadline = time.monotonic() + GATHER_CAP * self.wait_s
         while tokens < self.token_budget:
-            remaining = deadline - time.monotonic()
+            timeout = min(self.wait_s, deadline - time.monotonic())
             try:
-                job = (self._queue.get(timeout=remaining) if remaining > 0
-                       else self._queue.get_nowait())
+                job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
@@ -294,6 +299,10 @@ def create_app(loaded: LoadedModel, paths: list[str] | None = None,
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return _error(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(_: Request, error: Exception) -> JSONResponse:  # logged by the batcher
+        return _error(500, f"internal error: {type(error).__name__}: {error}")
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -161,6 +161,14 @@ def test_serve_without_the_extra_names_it(toy_run, monkeypatch):
     assert_user_error(result, "seq2seq[serve]")
 
 
+def test_serve_user_errors(toy_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli_app, ["serve", str(toy_run / "best.pt"), "--max-sentences", "0"])
+    assert_user_error(result, "--max-sentences must be positive")
+    result = runner.invoke(cli_app, ["serve", str(tmp_path / "missing.pt")])
+    assert_user_error(result, "missing.pt")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
