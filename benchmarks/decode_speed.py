@@ -2,7 +2,8 @@
 
 With ``--checkpoint`` the source file goes through ``inference.translate_lines`` (the real path:
 tokenise, batch by length under the token budget, decode, restore the order) and, with references,
-BLEU/chrF are scored. Without it a reference-size model (embedding 256, hidden 512, 2+2 layers,
+BLEU/chrF are scored (``--checkpoint`` twice or more: an ensemble of those checkpoints, int8 by
+quantising each member). Without it a reference-size model (embedding 256, hidden 512, 2+2 layers,
 8k vocabulary) gets seeded random weights and an 8k SentencePiece tokenizer is trained on the
 Multi30k train de+en (``--tokenizer-sentences`` samples fewer for a faster start); each sentence's
 output is capped at its reference length (in target pieces) + 10, since random weights rarely emit
@@ -56,7 +57,7 @@ from seq2seq.evaluate import score_corpus  # noqa: E402
 from seq2seq.inference import (  # noqa: E402
     LoadedModel,
     encode_source,
-    load_model,
+    load_models,
     translate_lines,
     translation_max_lengths,
 )
@@ -163,7 +164,8 @@ def peer_ratio(result: dict, peer: dict) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="trained model (default: random weights)")
+    parser.add_argument("--checkpoint", type=Path, action="append",
+                        help="trained model (default: random weights); repeat for an ensemble")
     parser.add_argument("--data", type=Path, default=DATA, help="Multi30k directory")
     parser.add_argument("--source", type=Path, help="default DATA/test_2016_flickr.de.gz")
     parser.add_argument("--reference", type=Path, help="default DATA/test_2016_flickr.en.gz")
@@ -198,19 +200,20 @@ def main() -> None:
     reference = args.reference or args.data / "test_2016_flickr.en.gz"
     lines = read_lines(source)[: args.sentences]
     refs = read_lines(reference)[: args.sentences] if reference.exists() else None
-    loaded = load_model(args.checkpoint, args.device) if args.checkpoint else random_model(args)
+    loaded = load_models(args.checkpoint, args.device) if args.checkpoint else random_model(args)
     base = loaded.recipe.decode
     if args.max_tokens_per_batch:
         base = replace(base, max_tokens_per_batch=args.max_tokens_per_batch)
-    max_length = loaded.recipe.data.max_length
-    src_ids = [encode_source(loaded.tokenizer, line, max_length) for line in lines]
+    src_ids = [encode_source(loaded.tokenizer, line) for line in lines]  # whole, as translated
     caps = None
     if not args.checkpoint:  # random weights: cap at the reference length + 10
         caps = (torch.tensor([len(loaded.tokenizer.encode(r)) + 10 for r in refs]) if refs
                 else translation_max_lengths(torch.tensor([len(s) for s in src_ids]), base))
     data = {"lines": lines, "src_ids": src_ids, "caps": caps, "refs": refs}
     models = [("fp32", loaded)]
-    if args.int8:
+    if args.int8 and args.checkpoint and len(args.checkpoint) > 1:  # an ensemble: each member
+        models.append(("int8", load_models(args.checkpoint, args.device, "int8")))
+    elif args.int8:
         models.append(("int8", replace(loaded, model=quantize_int8(loaded.model))))
     results = []
     for precision, model in models:
@@ -220,7 +223,7 @@ def main() -> None:
                 result.update(peer_ratio(result, peers[beam]))
             print(" ".join(f"{key}={value}" for key, value in result.items()))
             results.append(result)
-    summary = {"weights": str(args.checkpoint) if args.checkpoint else "random",
+    summary = {"weights": [str(c) for c in args.checkpoint] if args.checkpoint else "random",
                "parameters_M": round(sum(p.numel() for p in loaded.model.parameters()) / 1e6, 2),
                "source": str(source), "threads": args.threads, "device": args.device,
                "max_tokens_per_batch": base.max_tokens_per_batch,

@@ -7,6 +7,7 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -27,6 +28,10 @@ app.add_typer(tokenizer_app, name="tokenizer")
 
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: a.b=value")]
 Checkpoint = Annotated[Path, typer.Argument(help="A checkpoint written by seq2seq train")]
+Checkpoints = Annotated[list[Path], typer.Argument(
+    help="Checkpoints written by seq2seq train; several (sharing a tokenizer) form an ensemble")]
+MaxSourceTokens = Annotated[int | None, typer.Option(
+    help="Cut longer sources, with a warning naming each cut line (0 = never)")]
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -47,6 +52,20 @@ def _setup_logging(verbose: bool = False) -> None:
     handler = RichHandler(show_path=False, show_time=False, console=_console())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[handler], force=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test runner swaps it)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def _setup_warnings() -> None:
+    """Decoding commands: only warnings (a cut source line), plainly on stderr."""
+    handler = _StderrHandler()
+    handler.setLevel(logging.WARNING)  # whatever level a logger was given elsewhere
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
 
 
 def _console():  # noqa: ANN202 - rich is imported lazily
@@ -109,7 +128,7 @@ def _decode_options(loaded: Any, **options: Any) -> Any:
 
 @app.command()
 def translate(
-    checkpoint: Checkpoint,
+    checkpoints: Checkpoints,
     input: Annotated[str, typer.Option(help="Input file, or - for stdin")] = "-",
     output: Annotated[str, typer.Option(help="Output file, or - for stdout")] = "-",
     beam_size: Annotated[int | None, typer.Option(help="Beam width (1 = greedy)")] = None,
@@ -118,29 +137,35 @@ def translate(
     n_best: Annotated[int | None, typer.Option(help="Write N hypotheses per line as TSV")] = None,
     max_tokens_per_batch: Annotated[
         int | None, typer.Option(help="Source tokens per batch")] = None,
+    max_source_tokens: MaxSourceTokens = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
     attention_plot: Annotated[Path | None, typer.Option(help="Write attention PNGs here")] = None,
 ) -> None:
     """Translate lines (stdin to stdout by default): one output line per input line.
 
-    With --n-best N each input gives N lines of TSV: input index (0-based), rank, score, text.
+    Each line is answered as soon as the input pauses (what has arrived is translated in one
+    batch and flushed); a file or a fast pipe fills batches of up to 1,000 lines. With --n-best N
+    each input gives N lines of TSV: input index (0-based), rank, score, text. Several
+    checkpoints decode as an ensemble (their log-probabilities averaged at every step).
     """
     from seq2seq import inference
 
     def action() -> None:
-        loaded = inference.load_model(checkpoint, device, quantize)
-        inference.require_task(loaded, "translation", checkpoint)
+        _setup_warnings()
+        loaded = inference.load_models(checkpoints, device, quantize)
+        inference.require_task(loaded, "translation", checkpoints[0])
         config = _decode_options(loaded, beam_size=beam_size, length_penalty=length_penalty,
                                  coverage_penalty=coverage_penalty, n_best=n_best,
-                                 max_tokens_per_batch=max_tokens_per_batch)
+                                 max_tokens_per_batch=max_tokens_per_batch,
+                                 max_source_tokens=max_source_tokens)
         source = sys.stdin.buffer if input == "-" else _open_input(input)
-        lines = inference.read_utf8_lines(source, "<stdin>" if input == "-" else input)
+        batches = inference.read_batches(source, "<stdin>" if input == "-" else input)
         sink = (contextlib.nullcontext(sys.stdout) if output == "-"
                 else inference.atomic_output(output))
         with sink as stream:
-            inference.write_translations(loaded, lines, config, stream, n_best=n_best is not None,
-                                         attention_dir=attention_plot)
+            inference.write_translations(loaded, batches, config, stream,
+                                         n_best=n_best is not None, attention_dir=attention_plot)
 
     _run(action)
 
@@ -156,8 +181,8 @@ def _open_input(path: str) -> Any:
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[
-        Path | None, typer.Argument(help="Checkpoint (omit with --hypotheses)")] = None,
+    checkpoints: Annotated[list[Path] | None, typer.Argument(
+        help="Checkpoint(s); several form an ensemble (omit with --hypotheses)")] = None,
     source: Annotated[Path | None, typer.Option(help="Source sentences to translate")] = None,
     reference: Annotated[Path, typer.Option(help="Reference translations")] = ...,  # type: ignore[assignment]
     hypotheses: Annotated[Path | None, typer.Option(help="Score this output instead")] = None,
@@ -166,6 +191,7 @@ def evaluate(
     coverage_penalty: Annotated[float | None, typer.Option(help="GNMT beta")] = None,
     max_tokens_per_batch: Annotated[
         int | None, typer.Option(help="Source tokens per batch")] = None,
+    max_source_tokens: MaxSourceTokens = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
@@ -175,13 +201,15 @@ def evaluate(
     from seq2seq.evaluate import evaluate_files
 
     def action() -> dict[str, Any]:
-        one_input = (checkpoint is None) != (hypotheses is None)
-        if not one_input or (checkpoint is not None and source is None):
+        _setup_warnings()
+        one_input = (not checkpoints) != (hypotheses is None)
+        if not one_input or (checkpoints and source is None):
             raise inference.InferenceError("give either CHECKPOINT with --source, or --hypotheses")
         options = dict(beam_size=beam_size, length_penalty=length_penalty,
-                       coverage_penalty=coverage_penalty, max_tokens_per_batch=max_tokens_per_batch)
-        return evaluate_files(checkpoint, source, reference, hypotheses, device,
-                                        quantize, options)
+                       coverage_penalty=coverage_penalty, max_tokens_per_batch=max_tokens_per_batch,
+                       max_source_tokens=max_source_tokens)
+        return evaluate_files(checkpoints or None, source, reference, hypotheses, device,
+                              quantize, options)
 
     scores = _run(action)
     if as_json:
@@ -203,8 +231,14 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
     beam_size: Annotated[int | None, typer.Option(help="Beam search instead of sampling")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    input: Annotated[str | None, typer.Option(
+        help="Prompts, one per line (- for stdin): one JSON line out per prompt")] = None,
 ) -> None:
-    """Generate text with a character LM, streaming a single sample as it is produced."""
+    """Generate text with a character LM, streaming a single sample as it is produced.
+
+    With --input, every line is a prompt, answered as soon as it arrives with one JSON line
+    {"prompt": ..., "samples": [...]}.
+    """
     from seq2seq import inference
 
     def action() -> None:
@@ -215,6 +249,15 @@ def generate(
                                  n_best=1 if beam_size else None)
         if num_samples < 1:
             raise inference.InferenceError(f"--num-samples must be at least 1, got {num_samples}")
+        if input is not None:
+            source = sys.stdin.buffer if input == "-" else _open_input(input)
+            for batch in inference.read_batches(source, "<stdin>" if input == "-" else input):
+                for line in batch:
+                    samples = inference.generate(loaded, line, config, num_samples, seed)
+                    sys.stdout.write(json.dumps({"prompt": line, "samples": samples},
+                                                ensure_ascii=False) + "\n")
+                sys.stdout.flush()
+            return
         streaming = num_samples == 1 and config.beam_size == 1
 
         def show(text: str) -> None:
@@ -230,6 +273,44 @@ def generate(
             return
         for i, sample in enumerate(samples):
             typer.echo(f"--- sample {i + 1} ---\n{sample}")
+
+    _run(action)
+
+
+@app.command()
+def serve(
+    checkpoints: Checkpoints,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for every interface)")] = (
+        "127.0.0.1"),
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
+    max_sentences: Annotated[int, typer.Option(help="Sentences per request (more: 413)")] = 64,
+    max_chars: Annotated[int, typer.Option(help="Characters per sentence (more: 413)")] = 2000,
+    max_beam: Annotated[int, typer.Option(help="Largest beam a request may ask for")] = 16,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="Gather requests into one batch until they pause this long "
+                                 "(at most 10 times as long in all)")] = 5.0,
+    batch_tokens: Annotated[int, typer.Option(
+        help="Source tokens that end the gathering early (0 = the recipe's batch budget)")] = 0,
+) -> None:
+    """Serve translation (or generation) over HTTP: POST /translate, POST /generate, GET /health,
+    GET /info, OpenAPI docs at /docs, and a page at /. Needs the serve extra."""
+    try:
+        from seq2seq import serve as server
+    except ImportError as error:
+        _fail(error)
+    _setup_logging()
+
+    def action() -> None:
+        limits = server.Limits(max_sentences=max_sentences, max_chars=max_chars,
+                               max_beam=max_beam, batch_wait_ms=batch_wait_ms,
+                               batch_tokens=batch_tokens)
+        for name, value in dataclasses.asdict(limits).items():
+            if value < 0 or (value == 0 and name not in ("batch_wait_ms", "batch_tokens")):
+                raise server.InferenceError(f"--{name.replace('_', '-')} must be positive, "
+                                            f"got {value}")
+        server.serve(checkpoints, host, port, device, quantize, limits)
 
     _run(action)
 

@@ -138,6 +138,7 @@ class DecodeConfig:
     no_repeat_ngram: int = 0
     ban_unk: bool = False
     max_tokens_per_batch: int = 3000  # inference batch budget (source tokens)
+    max_source_tokens: int = 0  # translation: cut longer sources, with a warning (0 = never)
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,12 @@ def perplexity(nll_per_token: float) -> float:
     return math.exp(min(nll_per_token, MAX_NLL))
 
 
-def evaluate_files(checkpoint: Path | None, source: Path | None, reference: Path,
-                   hypotheses: Path | None, device: str = "cpu", quantize: str | None = None,
+def evaluate_files(checkpoints: Sequence[Path] | Path | None, source: Path | None,
+                   reference: Path, hypotheses: Path | None, device: str = "cpu",
+                   quantize: str | None = None,
                    options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score ``hypotheses``, or ``checkpoint``'s translation of ``source``, against ``reference``.
+    """Score ``hypotheses``, or the translation of ``source`` by ``checkpoints`` (one, or several
+    as an ensemble), against ``reference``.
 
     Files are read strictly (UTF-8, line numbers in errors); the result is ``score_corpus``'s.
     """
@@ -62,8 +64,9 @@ def evaluate_files(checkpoint: Path | None, source: Path | None, reference: Path
     if hypotheses is not None:
         outputs = read_lines(hypotheses)
     else:
-        loaded = inference.load_model(checkpoint, device, quantize)
-        inference.require_task(loaded, "translation", checkpoint)
+        paths = [checkpoints] if isinstance(checkpoints, Path | str) else list(checkpoints or [])
+        loaded = inference.load_models(paths, device, quantize)
+        inference.require_task(loaded, "translation", paths[0])
         config = inference.generation_config(loaded.recipe.decode, **(options or {}))
         inference.check_decode_options(config)
         sources = read_lines(source)

@@ -1,8 +1,11 @@
 """Using a trained model: checkpoint -> tokenizer + model -> search -> text, for both tasks.
 
-Translation batches inputs by length under a token budget and restores the input order;
-streaming reads a bounded chunk of lines at a time so memory stays flat on endless input.
-Generation primes the character LM with a prompt and samples (or beam-searches) a continuation.
+Translation batches inputs by length under a token budget and restores the input order.
+Streaming translates, in one batch, the lines that have arrived when the input pauses (at most a
+bounded chunk of them), so a person at a terminal gets each answer at once while a file or a fast
+pipe still fills big batches, and memory stays flat on endless input. Several checkpoints that
+share a tokenizer load as one :class:`~seq2seq.ensemble.Ensemble`. Generation primes the
+character LM with a prompt and samples (or beam-searches) a continuation.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import logging
+import os
+import select
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,11 +29,17 @@ from torch.nn.utils.rnn import pad_sequence
 from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.data import inference_batches
+from seq2seq.ensemble import Ensemble
 from seq2seq.files import atomic_write
 from seq2seq.model import QuantizationUnavailable, build_model, quantize_int8
 from seq2seq.model.recurrent import DECODING_PRIMITIVE_CACHE, bound_primitive_cache
 from seq2seq.search import Hypothesis, decode
 from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer, tokenizer_from_bytes
+
+log = logging.getLogger(__name__)
+
+STREAM_CHUNK_LINES = 1000  # the most lines one streaming batch takes
+STREAM_PAUSE_S = 0.01  # input quiet this long: translate what has arrived
 
 
 class InferenceError(ValueError):
@@ -97,6 +109,27 @@ def load_model(path: str | Path, device: str = "cpu", quantize: str | None = Non
     return LoadedModel(recipe, model.to(target), tokenizer, target, int(payload.get("step", 0)))
 
 
+def load_models(paths: list[str | Path], device: str = "cpu",
+                quantize: str | None = None) -> LoadedModel:
+    """One checkpoint as :func:`load_model`; several as one :class:`Ensemble` that decodes with
+    the first one's recipe. The checkpoints must hold translation models and one tokenizer."""
+    if not paths:
+        raise InferenceError("no checkpoint given")
+    loaded = [load_model(path, device, quantize) for path in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0]
+    for path, other in zip(paths, loaded, strict=True):
+        require_task(other, "translation", path)
+        same = (other.tokenizer.kind == first.tokenizer.kind
+                and other.tokenizer.to_bytes() == first.tokenizer.to_bytes())
+        if not same:
+            raise InferenceError(f"{path} has a different tokenizer from {paths[0]}; an "
+                                 "ensemble needs checkpoints that share one tokenizer")
+    ensemble = Ensemble([item.model for item in loaded]).to(first.device).eval()
+    return replace(first, model=ensemble)
+
+
 def require_task(loaded: LoadedModel, task: str, path: str | Path) -> None:
     """A translation command given an LM checkpoint (or the reverse) is a user error."""
     actual = loaded.recipe.data.task
@@ -121,6 +154,9 @@ def check_decode_options(config: DecodeConfig) -> None:
         raise InferenceError(f"top-p must be in (0, 1] (1 = off), got {config.top_p}")
     if config.max_new_tokens < 1:
         raise InferenceError(f"max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    if config.max_source_tokens < 0:
+        raise InferenceError(f"max-source-tokens must be at least 0 (0 = no limit), got "
+                             f"{config.max_source_tokens}")
 
 
 def translation_max_lengths(src_lengths: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
@@ -172,17 +208,33 @@ def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConf
     return results
 
 
-def encode_source(tokenizer: Tokenizer, line: str, max_length: int) -> list[int]:
-    """Source ids as the model saw them in training: x + [EOS], x cut to max_length."""
-    return tokenizer.encode(line)[:max_length] + [EOS]
+def encode_source(tokenizer: Tokenizer, line: str, max_length: int = 0) -> list[int]:
+    """Source ids x + [EOS]; x cut to ``max_length`` tokens when it is above 0 (validation cuts
+    as training did; translation keeps the whole sentence, the model has no positional limit)."""
+    ids = tokenizer.encode(line)
+    return (ids[:max_length] if max_length > 0 else ids) + [EOS]
+
+
+def _source_ids(tokenizer: Tokenizer, line: str, limit: int, number: int) -> list[int]:
+    """A source to translate: whole, or cut to ``limit`` > 0 tokens with a warning naming the
+    line, so no sentence loses its end without a word."""
+    ids = tokenizer.encode(line)
+    if 0 < limit < len(ids):
+        log.warning("line %d: source of %d tokens cut to %d (max_source_tokens)", number,
+                    len(ids), limit)
+        ids = ids[:limit]
+    return ids + [EOS]
 
 
 def translate_lines(loaded: LoadedModel, lines: list[str], config: DecodeConfig,
-                    strategy: str = "beam", keep_attention: bool = False) -> list[list[Hypothesis]]:
-    """Translate a list of sentences; an empty line gives an empty hypothesis list."""
+                    strategy: str = "beam", keep_attention: bool = False,
+                    first_line: int = 1) -> list[list[Hypothesis]]:
+    """Translate a list of sentences; an empty line gives an empty hypothesis list. Sources are
+    translated whole unless ``config.max_source_tokens`` cuts them (each cut is logged with its
+    line number, ``lines[0]`` being line ``first_line``)."""
     keep = [i for i, line in enumerate(lines) if line.strip()]
-    max_length = loaded.recipe.data.max_length
-    src_ids = [encode_source(loaded.tokenizer, lines[i], max_length) for i in keep]
+    limit = config.max_source_tokens
+    src_ids = [_source_ids(loaded.tokenizer, lines[i], limit, first_line + i) for i in keep]
     decoded = translate_ids(loaded.model, src_ids, config, loaded.device, strategy,
                             keep_attention)
     results: list[list[Hypothesis]] = [[] for _ in lines]
@@ -191,35 +243,90 @@ def translate_lines(loaded: LoadedModel, lines: list[str], config: DecodeConfig,
     return results
 
 
+def _decode_line(raw: bytes, number: int, name: str) -> str:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise InferenceError(f"{name}, line {number}: invalid UTF-8 (byte {error.start}); "
+                             "convert the file to UTF-8") from None
+
+
 def read_utf8_lines(stream: BinaryIO, name: str) -> Iterator[str]:
     """Lines of a binary stream without their newline; bad UTF-8 names the line."""
     for number, raw in enumerate(stream, start=1):
-        try:
-            yield raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as error:
-            raise InferenceError(f"{name}, line {number}: invalid UTF-8 (byte {error.start}); "
-                                 "convert the file to UTF-8") from None
+        yield _decode_line(raw, number, name)
 
 
-def translate_stream(loaded: LoadedModel, lines: Iterable[str], config: DecodeConfig,
-                     chunk_lines: int = 1000,
-                     keep_attention: bool = False) -> Iterator[tuple[str, list[Hypothesis]]]:
-    """Translate an endless stream in bounded memory: (input, hypotheses) per line, in order."""
+def _arrived_raw(fd: int, max_lines: int, pause: float) -> Iterator[list[bytes]]:
+    """Raw lines of file descriptor ``fd`` in batches of what has arrived: a batch ends when
+    ``max_lines`` are in hand, or when a line is in hand and nothing more comes for ``pause``
+    seconds. A regular file or a busy pipe is always ready, so it fills whole batches."""
+    lines: list[bytes] = []
+    tail = b""  # an incomplete last line
+    while True:
+        if len(lines) >= max_lines:
+            yield lines[:max_lines]
+            lines = lines[max_lines:]
+            continue
+        ready, _, _ = select.select([fd], [], [], pause if lines else None)
+        if not ready:
+            yield lines
+            lines = []
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        *complete, tail = (tail + chunk).split(b"\n")
+        lines.extend(complete)
+    if tail:
+        lines.append(tail)
+    while lines:
+        yield lines[:max_lines]
+        lines = lines[max_lines:]
 
-    def translated(chunk: list[str]) -> Iterator[tuple[str, list[Hypothesis]]]:
-        results = translate_lines(loaded, chunk, config, "beam", keep_attention)
-        if loaded.device.type == "cpu":
-            release_free_memory()
-        return zip(chunk, results, strict=True)
 
-    chunk: list[str] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == chunk_lines:
-            yield from translated(chunk)
+def read_batches(stream: BinaryIO, name: str, max_lines: int = STREAM_CHUNK_LINES,
+                 pause: float = STREAM_PAUSE_S) -> Iterator[list[str]]:
+    """Lines of a binary stream (without newlines) in batches of what has arrived, at most
+    ``max_lines`` each (see :func:`_arrived_raw`); bad UTF-8 names the line. A stream without a
+    file descriptor (an in-memory one) is read in batches of ``max_lines``."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        fd = None
+    if fd is None:
+        raw_batches: Iterator[list[bytes]] = _chunks(iter(stream), max_lines)
+    else:
+        raw_batches = _arrived_raw(fd, max_lines, pause)
+    number = 0
+    for raw in raw_batches:
+        yield [_decode_line(line, number + i, name) for i, line in enumerate(raw, start=1)]
+        number += len(raw)
+
+
+def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
             chunk = []
     if chunk:
-        yield from translated(chunk)
+        yield chunk
+
+
+def translate_stream(loaded: LoadedModel, batches: Iterable[list[str]], config: DecodeConfig,
+                     keep_attention: bool = False
+                     ) -> Iterator[list[tuple[str, list[Hypothesis]]]]:
+    """Translate batches of lines as they come (see :func:`read_batches`): per batch, the
+    (input, hypotheses) of each line, in order. Memory stays bounded on endless input."""
+    number = 1
+    for batch in batches:
+        results = translate_lines(loaded, batch, config, "beam", keep_attention, number)
+        if loaded.device.type == "cpu":
+            release_free_memory()
+        number += len(batch)
+        yield list(zip(batch, results, strict=True))
 
 
 def generation_config(config: DecodeConfig, **overrides: object) -> DecodeConfig:
@@ -256,32 +363,37 @@ def best_text(tokenizer: Tokenizer, hypotheses: list[Hypothesis]) -> str:
     return tokenizer.decode(hypotheses[0].tokens) if hypotheses else ""
 
 
-
-
-def write_translations(loaded: LoadedModel, lines: Iterable[str], config: DecodeConfig,
-                       sink: TextIO, n_best: bool = False,
+def write_translations(loaded: LoadedModel, batches: Iterable[list[str]],
+                       config: DecodeConfig, sink: TextIO, n_best: bool = False,
                        attention_dir: Path | None = None) -> int:
-    """Stream translations of ``lines`` to ``sink``; returns the number of inputs.
+    """Stream translations of batches of lines to ``sink``, flushing after every batch; returns
+    the number of inputs.
 
     One line per input, or with ``n_best`` the TSV ``index<TAB>rank<TAB>score<TAB>text`` for
     each of the n best hypotheses (an empty input gives one row with score 0 and no text).
     ``attention_dir`` gets one heatmap PNG per sentence.
     """
     if attention_dir is not None:
+        attention_dir.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for batch in translate_stream(loaded, batches, config, attention_dir is not None):
+        for line, hyps in batch:
+            _write_one(loaded.tokenizer, sink, index, line, hyps, config.n_best if n_best else 0,
+                       attention_dir)
+            index += 1
+        sink.flush()
+    return index
+
+
+def _write_one(tokenizer: Tokenizer, sink: TextIO, index: int, line: str, hyps: list[Hypothesis],
+               n_best: int, attention_dir: Path | None) -> None:
+    """One input's output: its best line, or ``n_best`` > 0 TSV rows; and its heatmap."""
+    if n_best:
+        for rank, hyp in enumerate(hyps[:n_best] or [Hypothesis([], 0.0, 0.0)], 1):
+            sink.write(f"{index}\t{rank}\t{hyp.score:.4f}\t{tokenizer.decode(hyp.tokens)}\n")
+    else:
+        sink.write(best_text(tokenizer, hyps) + "\n")
+    if attention_dir is not None and hyps and hyps[0].attention is not None:
         from seq2seq.plot import attention_heatmap
 
-        attention_dir.mkdir(parents=True, exist_ok=True)
-    count = 0
-    stream = translate_stream(loaded, lines, config, keep_attention=attention_dir is not None)
-    for index, (line, hyps) in enumerate(stream):
-        if n_best:
-            for rank, hyp in enumerate(hyps[: config.n_best] or [Hypothesis([], 0.0, 0.0)], 1):
-                text = loaded.tokenizer.decode(hyp.tokens)
-                sink.write(f"{index}\t{rank}\t{hyp.score:.4f}\t{text}\n")
-        else:
-            sink.write(best_text(loaded.tokenizer, hyps) + "\n")
-        if attention_dir is not None and hyps and hyps[0].attention is not None:
-            attention_heatmap(attention_dir / f"{index:06d}.png", loaded.tokenizer, line, hyps[0])
-        count += 1
-    sink.flush()
-    return count
+        attention_heatmap(attention_dir / f"{index:06d}.png", tokenizer, line, hyps[0])

@@ -24,7 +24,7 @@ from .conftest import RECIPES, TOY_SETTINGS, toy_recipe
 
 runner = CliRunner()
 COMMANDS = ["train", "translate", "evaluate", "generate", "average-checkpoints", "plot",
-            "tokenizer", "tokenizer train"]
+            "tokenizer", "tokenizer train", "serve"]
 
 
 def invoke(*args: str, input: str | bytes | None = None):

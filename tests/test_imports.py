@@ -9,10 +9,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
 # same-layer edges listed below (one direction only).
 LAYERS = {
     "config": 0, "files": 0, "tokenizer": 1, "data": 2, "corpus": 2, "model": 2, "search": 3,
-    "checkpoint": 4, "distributed": 4, "events": 4, "plot": 4, "inference": 5, "evaluate": 5,
-    "tasks": 6, "train": 7, "progress": 8, "cli": 9, "__main__": 10, "__init__": 0,
+    "ensemble": 3, "checkpoint": 4, "distributed": 4, "events": 4, "plot": 4, "inference": 5,
+    "evaluate": 5, "tasks": 6, "train": 7, "progress": 8, "cli": 9, "serve": 9, "__main__": 10,
+    "__init__": 0,
 }
-SAME_LAYER = {("evaluate", "inference"), ("corpus", "data")}
+SAME_LAYER = {("evaluate", "inference"), ("corpus", "data"), ("cli", "serve")}
 
 
 def module_of(path: Path) -> str:
@@ -58,7 +59,7 @@ def test_model_and_data_are_independent_and_search_is_model_free():
             assert "model" not in imports
         if source == "model":
             assert "data" not in imports
-        if source == "search":
+        if source in ("search", "ensemble"):
             assert "model" not in imports
 
 
@@ -71,3 +72,15 @@ def test_only_cli_imports_typer():
                   if isinstance(n, ast.ImportFrom) and n.module}
         if module_of(path) != "cli":
             assert "typer" not in roots, path
+
+
+def test_only_serve_imports_the_http_stack():
+    http = {"fastapi", "starlette", "uvicorn", "pydantic", "httpx"}
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.module}
+        if module_of(path) != "serve":
+            assert not roots & http, path
