@@ -63,8 +63,9 @@ def _reading(path: Path) -> Iterator[BinaryIO]:
         handle.close()
 
 
-def _decode(raw: bytes, path: Path, line: int) -> str:
-    """Strict UTF-8; an error names the line (``line`` = the line ``raw`` starts on)."""
+def decode_utf8(raw: bytes, path: Path | str, line: int) -> str:
+    """Strict UTF-8; an error names the file (or stream) and the line (``line`` = the line
+    ``raw`` starts on). Every reader of text, corpora and ``translate`` input alike, uses it."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -80,7 +81,7 @@ def iter_lines(path: Path) -> Iterator[str]:
     with _reading(path) as handle:
         for number, raw in enumerate(handle, 1):
             raw = raw[:-1] if raw.endswith(b"\n") else raw
-            line = _decode(raw[:-1] if raw.endswith(b"\r") else raw, path, number)
+            line = decode_utf8(raw[:-1] if raw.endswith(b"\r") else raw, path, number)
             yield line.removeprefix("\ufeff") if number == 1 else line
 
 
@@ -101,7 +102,7 @@ def iter_text(path: Path, chunk_bytes: int = 1 << 22) -> Iterator[str]:
                 return
             cut = raw.rfind(b"\n") + 1 if block else len(raw)  # cut after a whole line
             if cut:
-                text = _decode(raw[:cut], path, line)
+                text = decode_utf8(raw[:cut], path, line)
                 text = text.removeprefix("\ufeff") if line == 1 else text
                 line, raw = line + text.count("\n"), raw[cut:]
                 yield text.replace("\r\n", "\n") if "\r" in text else text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,15 +57,26 @@ def _env_int(name: str, default: int) -> int:
         raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    """Resolve "auto" | "cpu" | "cuda" to this process's device; set the current CUDA device."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise DistributedError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The one rule for a device setting, in training and in inference: "auto" (CUDA when
+    available, else the CPU), "cpu", "cuda" (this process's GPU: ``cuda:LOCAL_RANK``) or
+    "cuda:N"; a device that cannot be used is a DistributedError that names the fix."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DistributedError("device 'cuda' was requested but CUDA is not available; "
-                         "use train.device=cpu or auto")
+    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
+        if not torch.cuda.is_available():
+            raise DistributedError(f"device {device!r}: CUDA is not available; use cpu or auto")
+        return torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    raise DistributedError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    """This process's training device (:func:`resolve_device`); sets the current CUDA device."""
+    target = resolve_device(device, local_rank)
+    if target.type == "cpu":
+        return target
     per_node = max(_env_int("LOCAL_WORLD_SIZE", 1), local_rank + 1)
     if per_node > torch.cuda.device_count():
         raise DistributedError(f"{per_node} processes on this node but only "

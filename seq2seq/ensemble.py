@@ -13,17 +13,18 @@ need a log-sum-exp per step); an ensemble of a model with itself is exactly that
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from seq2seq.search import DecoderState, exposed_attention, exposed_coverage
 
 
 @dataclass(frozen=True)
 class EnsembleState:
     """The members' states, row-aligned: row i of each is decoding row i of the ensemble."""
 
-    members: tuple[Any, ...]
+    members: tuple[DecoderState, ...]
 
     def select(self, index: Tensor) -> EnsembleState:
         """Rows by ``index`` (M,) long, in every member."""
@@ -32,12 +33,12 @@ class EnsembleState:
     @property
     def attention(self) -> Tensor | None:
         """(N, S) the members' mean attention of the last step, None when one has none."""
-        return _mean([getattr(state, "attention", None) for state in self.members])
+        return _mean([exposed_attention(state) for state in self.members])
 
     @property
     def coverage(self) -> Tensor | None:
         """(N, S) the members' mean attention mass so far, None when one has none."""
-        return _mean([getattr(state, "coverage", None) for state in self.members])
+        return _mean([exposed_coverage(state) for state in self.members])
 
 
 def _mean(tensors: list[Tensor | None]) -> Tensor | None:

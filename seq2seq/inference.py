@@ -28,7 +28,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
-from seq2seq.data import inference_batches
+from seq2seq.data import decode_utf8, inference_batches
+from seq2seq.distributed import DistributedError, resolve_device
 from seq2seq.ensemble import Ensemble
 from seq2seq.files import atomic_write
 from seq2seq.model import QuantizationUnavailable, build_model, quantize_int8
@@ -71,21 +72,17 @@ def atomic_output(path: str | Path) -> Iterator[TextIO]:
         yield sink
 
 
-def resolve_device(device: str) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or 'auto'; an unusable device is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InferenceError(f"device {device!r}: CUDA is not available; use --device cpu")
-        return torch.device(device)
-    raise InferenceError(f"unknown device {device!r}; use cpu, cuda or auto")
-
-
 def load_model(path: str | Path, device: str = "cpu", quantize: str | None = None) -> LoadedModel:
-    """Rebuild the model and tokenizer from a checkpoint alone."""
+    """Rebuild the model and tokenizer from a checkpoint alone. The options are checked first,
+    before the checkpoint is read."""
+    try:
+        target = resolve_device(device)
+    except DistributedError as error:
+        raise InferenceError(str(error)) from None
+    if quantize not in (None, "", "none", "int8"):
+        raise InferenceError(f"unknown quantisation {quantize!r}; use int8")
+    if quantize == "int8" and target.type != "cpu":
+        raise InferenceError("--quantize int8 runs on the CPU only; use --device cpu")
     bound_primitive_cache(DECODING_PRIMITIVE_CACHE)
     payload = load_checkpoint(path, mmap=True)
     try:
@@ -96,16 +93,11 @@ def load_model(path: str | Path, device: str = "cpu", quantize: str | None = Non
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: checkpoint does not match this version ({error})") from None
     model.eval()
-    target = resolve_device(device)
     if quantize == "int8":
-        if target.type != "cpu":
-            raise InferenceError("--quantize int8 runs on the CPU only; use --device cpu")
         try:
             model = quantize_int8(model, inplace=True)
         except QuantizationUnavailable as error:
             raise InferenceError(str(error)) from None
-    elif quantize not in (None, "", "none"):
-        raise InferenceError(f"unknown quantisation {quantize!r}; use int8")
     return LoadedModel(recipe, model.to(target), tokenizer, target, int(payload.get("step", 0)))
 
 
@@ -243,20 +235,6 @@ def translate_lines(loaded: LoadedModel, lines: list[str], config: DecodeConfig,
     return results
 
 
-def _decode_line(raw: bytes, number: int, name: str) -> str:
-    try:
-        return raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as error:
-        raise InferenceError(f"{name}, line {number}: invalid UTF-8 (byte {error.start}); "
-                             "convert the file to UTF-8") from None
-
-
-def read_utf8_lines(stream: BinaryIO, name: str) -> Iterator[str]:
-    """Lines of a binary stream without their newline; bad UTF-8 names the line."""
-    for number, raw in enumerate(stream, start=1):
-        yield _decode_line(raw, number, name)
-
-
 def _arrived_raw(fd: int, max_lines: int, pause: float) -> Iterator[list[bytes]]:
     """Raw lines of file descriptor ``fd`` in batches of what has arrived: a batch ends when
     ``max_lines`` are in hand, or when a line is in hand and nothing more comes for ``pause``
@@ -300,7 +278,8 @@ def read_batches(stream: BinaryIO, name: str, max_lines: int = STREAM_CHUNK_LINE
         raw_batches = _arrived_raw(fd, max_lines, pause)
     number = 0
     for raw in raw_batches:
-        yield [_decode_line(line, number + i, name) for i, line in enumerate(raw, start=1)]
+        yield [decode_utf8(line, name, number + i).rstrip("\r\n")
+               for i, line in enumerate(raw, start=1)]
         number += len(raw)
 
 

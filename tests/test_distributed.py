@@ -80,7 +80,7 @@ def test_world_size_one_creates_no_group(no_torchrun, monkeypatch) -> None:
 
 
 def test_bad_requests_are_clear(no_torchrun, monkeypatch) -> None:
-    with pytest.raises(ValueError, match="'auto', 'cpu' or 'cuda'"):
+    with pytest.raises(ValueError, match="unknown device 'tpu'; use auto, cpu, cuda"):
         init_distributed("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
@@ -89,6 +89,20 @@ def test_bad_requests_are_clear(no_torchrun, monkeypatch) -> None:
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(DistributedError, match="MASTER_ADDR, MASTER_PORT not set"):
         init_distributed("cpu")
+
+
+def test_one_device_rule_for_training_and_inference() -> None:
+    from seq2seq.distributed import resolve_device
+    from seq2seq.inference import InferenceError, load_model
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cuda:x", "gpu"):
+        with pytest.raises(DistributedError, match=f"unknown device '{bad}'"):
+            resolve_device(bad)
+        with pytest.raises(InferenceError, match=f"unknown device '{bad}'"):  # the same words
+            load_model(Path(__file__), bad)
 
 
 def test_more_processes_on_a_node_than_gpus_is_refused(no_torchrun, monkeypatch):
