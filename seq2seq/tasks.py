@@ -89,7 +89,6 @@ class TranslationTask:
 
     def __init__(self, recipe: Recipe, ctx: DistContext):
         self.recipe, self.ctx = recipe, ctx
-        self.valid_pairs = data.read_parallel(recipe.data, "valid", seed=recipe.train.seed)
 
     def _train_pairs(self) -> Iterator[tuple[str, str]]:
         return data.iter_parallel(self.recipe.data, "train", seed=self.recipe.train.seed)
@@ -118,7 +117,8 @@ class TranslationTask:
     def encode(self, tokenizer: Tokenizer, cache_dir: Path) -> None:
         self.tokenizer = tokenizer
         max_length, config = self.recipe.data.max_length, self.recipe.train
-        self.train = self._encode_train(tokenizer, cache_dir)
+        self.train = self._encode_train(tokenizer, cache_dir)  # first: its errors come first
+        self.valid_pairs = data.read_parallel(self.recipe.data, "valid", seed=config.seed)
         if self.recipe.tokenizer.sampling_alpha > 0:  # re-segmenting needs the text each epoch
             self.train_pairs = data.read_parallel(self.recipe.data, "train", config.seed)
         self.valid = data.encode_pairs(self.valid_pairs, tokenizer, max_length)
