@@ -400,13 +400,13 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     """
     bound_primitive_cache()
     out_dir = Path(out_dir)
+    if init_from is not None and resume:
+        raise TrainingError("--init-from starts a new run from a checkpoint's weights; it "
+                            "cannot be combined with --resume")
     if resume and not (out_dir / "last.pt").exists():  # before any heavy work
         raise TrainingError(f"{out_dir / 'last.pt'}: nothing to resume; start without --resume")
     warm = None
     if init_from is not None:
-        if resume:
-            raise TrainingError("--init-from starts a new run from a checkpoint's weights; it "
-                                "cannot be combined with --resume")
         warm = load_model(init_from)  # the checkpoint's recipe, weights and tokenizer
         recipe = dataclasses.replace(recipe, tokenizer=warm.recipe.tokenizer)
     if recipe.train.tensorboard:
