@@ -158,7 +158,7 @@ def test_read_batches_gives_what_has_arrived_and_numbers_bad_lines(tmp_path):
         assert [len(b) for b in batches] == [10, 10, 6]  # busy input fills batches
     source = tmp_path / "bad.txt"
     source.write_bytes(b"fine\n" * 3 + b"\xff\n")
-    with source.open("rb") as stream, pytest.raises(ValueError, match="bad.txt, line 4"):
+    with source.open("rb") as stream, pytest.raises(ValueError, match="bad.txt: line 4"):
         list(read_batches(stream, "bad.txt", max_lines=2))
     assert list(read_batches(io.BytesIO(b"a\nb\nc"), "mem", max_lines=2)) == [["a", "b"], ["c"]]
 
