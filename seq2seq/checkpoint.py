@@ -3,8 +3,10 @@
 A checkpoint is one ``torch.save`` of a plain dict (tensors, dicts, lists, str, int, float,
 bool, bytes, None) so that it loads with ``torch.load(..., weights_only=True)``: loading a file
 never runs pickled code. Payload keys: ``format="seq2seq"``, ``version``, ``recipe`` (dict),
-``model`` (state_dict), ``optimizer``, ``scheduler``, ``rng``, ``step``, ``epoch``,
-``data_position``, ``metrics``, ``tokenizer`` (``{"kind": str, "data": bytes}``), ``vocab_size``.
+``model`` (state_dict), ``optimizer``, ``scaler``, ``rng`` and ``rng_ranks`` (every rank's),
+``step``, ``elapsed``, ``best``, ``bad_validations``, ``data_position`` (the epoch and the
+position in it), ``metrics``, ``tokenizer`` (``{"kind": str, "data": bytes}``), ``vocab_size``.
+Every key is read by ``train --resume`` or by inference; nothing is written for show.
 """
 
 from __future__ import annotations

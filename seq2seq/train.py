@@ -194,10 +194,10 @@ class Trainer:
         return {
             "format": ckpt.FORMAT, "version": ckpt.VERSION,
             "recipe": recipe_to_dict(self.recipe), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.progress.step},
+            "optimizer": self.optimizer.state_dict(),  # the schedule is a function of step
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
             "rng_ranks": dist.all_gather_object(ckpt.rng_state()),
-            "step": self.progress.step, "epoch": self.task.epoch,
+            "step": self.progress.step,  # the epoch is in data_position
             "elapsed": self.progress.elapsed, "best": self.progress.best,
             "bad_validations": self.progress.bad_validations,
             "data_position": self.task.state_dict(), "metrics": self.progress.metrics,
@@ -312,12 +312,22 @@ class Trainer:
         return budget_fraction(self.config, self.progress.step, self.progress.elapsed,
                                self.task.steps_per_epoch)
 
-    def out_of_budget(self) -> bool:
-        """Whether any budget is spent; the same answer on every rank (see budget_spent)."""
+    def stop_reason(self) -> str | None:
+        """The one place that decides whether training ends, and why: a step, epoch or time
+        budget spent, or patience run out (None: go on). Its inputs are the same on every rank
+        (step, epoch, rank 0's clock, the validation results rank 0 shared), so all ranks stop
+        at the same step. Too many non-finite steps in a row is an error, raised where the
+        shared count is kept (``_update``)."""
         config, progress = self.config, self.progress
-        return bool((config.max_steps and progress.step >= config.max_steps) or
-                    (config.max_epochs and self.task.epoch >= config.max_epochs) or
-                    (config.max_minutes and progress.elapsed >= 60.0 * config.max_minutes))
+        if config.max_steps and progress.step >= config.max_steps:
+            return f"{config.max_steps} steps done"
+        if config.max_epochs and self.task.epoch >= config.max_epochs:
+            return f"{config.max_epochs} epochs done"
+        if config.max_minutes and progress.elapsed >= 60.0 * config.max_minutes:
+            return f"{config.max_minutes:g} minutes of training done"
+        if config.patience and progress.bad_validations >= config.patience:
+            return f"no improvement in {config.patience} validations"
+        return None
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics on rank 0, shared with every rank with the patience count, so
@@ -356,8 +366,8 @@ class Trainer:
             self.peak_flops = matmul_peak_flops(self.ctx.device)
             log.info("fp32 matmul peak %.1f GFLOP/s on %d threads (MFU is against it)",
                      self.peak_flops / 1e9, torch.get_num_threads())
-        window, patience = LogWindow(), self.config.patience
-        while not self.out_of_budget():
+        window = LogWindow()
+        while (reason := self.stop_reason()) is None:
             started = time.perf_counter()
             stats = self.train_step(self.task.next_step())
             self.progress.step += 1
@@ -371,12 +381,10 @@ class Trainer:
             paused = time.perf_counter()
             if self.progress.step % self.config.valid_every == 0:
                 self.validate()
-                if patience and self.progress.bad_validations >= patience:
-                    log.info("no improvement in %d validations: stopping", patience)
-                    break
             elif self.config.save_every and self.progress.step % self.config.save_every == 0:
                 self.save(is_best=False)
             window.started += time.perf_counter() - paused  # keep validation out of tokens/s
+        log.info("stopping at step %d: %s", self.progress.step, reason)
         if self.progress.step % self.config.valid_every != 0:
             self.validate()
         return self.progress.metrics
