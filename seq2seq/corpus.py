@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from seq2seq.data import DataError, ParallelData, Ragged, encode_chunk
+from seq2seq.data import DataError, ParallelData, Ragged, chunked, encode_chunk
 from seq2seq.tokenizer import CharTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def build_parallel(entry: Path, inputs: dict[str, Any], pairs: Iterable[tuple[st
             kept = open(tmp / "kept", "wb")
             files.append(kept)
             total = count = empty = long = 0
-            for chunk_pairs in _chunks(pairs, CHUNK_PAIRS):
+            for chunk_pairs in chunked(pairs, CHUNK_PAIRS):
                 chunk = encode_chunk(chunk_pairs, tokenizer, max_length, first=total)
                 src.append(chunk.src)
                 tgt.append(chunk.tgt)
@@ -225,15 +225,3 @@ def build_text(entry: Path, inputs: dict[str, Any], chunks: Iterable[str],
             os.fsync(handle.fileno())
         _write_manifest(tmp, {"built_from": inputs, "dtype": dtype, "tokens": tokens})
     log.info("encoded %d characters into %s", tokens, entry)
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from seq2seq.config import DataConfig, resolve_path
 from seq2seq.tokenizer import BOS, EOS, PAD, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PACKAGED_TEXT = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
 SPLITS = ("train", "valid", "test")
@@ -61,6 +62,13 @@ def _reading(path: Path) -> Iterator[BinaryIO]:
         raise DataError(f"{path}: not a valid gzip file ({error}); re-download it") from None
     finally:
         handle.close()
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), read lazily."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def decode_utf8(raw: bytes, path: Path | str, line: int) -> str:

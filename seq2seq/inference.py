@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
-from seq2seq.data import decode_utf8, inference_batches
+from seq2seq.data import chunked, decode_utf8, inference_batches
 from seq2seq.distributed import DistributedError, resolve_device
 from seq2seq.ensemble import Ensemble
 from seq2seq.files import atomic_write
@@ -273,7 +273,7 @@ def read_batches(stream: BinaryIO, name: str, max_lines: int = STREAM_CHUNK_LINE
     except (OSError, ValueError, AttributeError):
         fd = None
     if fd is None:
-        raw_batches: Iterator[list[bytes]] = _chunks(iter(stream), max_lines)
+        raw_batches: Iterator[list[bytes]] = chunked(stream, max_lines)
     else:
         raw_batches = _arrived_raw(fd, max_lines, pause)
     number = 0
@@ -281,17 +281,6 @@ def read_batches(stream: BinaryIO, name: str, max_lines: int = STREAM_CHUNK_LINE
         yield [decode_utf8(line, name, number + i).rstrip("\r\n")
                for i, line in enumerate(raw, start=1)]
         number += len(raw)
-
-
-def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
-    chunk: list[bytes] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def translate_stream(loaded: LoadedModel, batches: Iterable[list[str]], config: DecodeConfig,

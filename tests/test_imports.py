@@ -63,24 +63,23 @@ def test_model_and_data_are_independent_and_search_is_model_free():
             assert "model" not in imports
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level packages ``path`` imports (``a.b`` counts as ``a``)."""
+    tree = ast.parse(path.read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names}
+    return roots | {n.module.split(".")[0] for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.module}
+
+
 def test_only_cli_imports_typer():
     for path in PACKAGE.rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
-                 for a in n.names}
-        roots |= {n.module.split(".")[0] for n in ast.walk(tree)
-                  if isinstance(n, ast.ImportFrom) and n.module}
         if module_of(path) != "cli":
-            assert "typer" not in roots, path
+            assert "typer" not in top_level_imports(path), path
 
 
 def test_only_serve_imports_the_http_stack():
     http = {"fastapi", "starlette", "uvicorn", "pydantic", "httpx"}
     for path in PACKAGE.rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
-                 for a in n.names}
-        roots |= {n.module.split(".")[0] for n in ast.walk(tree)
-                  if isinstance(n, ast.ImportFrom) and n.module}
         if module_of(path) != "serve":
-            assert not roots & http, path
+            assert not top_level_imports(path) & http, path
