@@ -620,11 +620,6 @@ class TokenBatchSampler(_Position):
         self._cache = None
         len(self)  # fail early when the examples cannot be shared by the ranks
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch; the current epoch keeps its position."""
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
     def __len__(self) -> int:
         return len(self._rank_batches()[1])
 

@@ -172,7 +172,7 @@ def release_free_memory() -> None:
 
     Decoding frees (rows x vocabulary) tensors of ever-changing sizes, and glibc keeps the holes
     they leave. Streaming calls this after every chunk of lines (not every batch: re-faulting the
-    pages costs up to 10% in speed), so resident memory stays flat on endless input.
+    pages would cost speed), so resident memory stays flat on endless input.
     """
     trim = _malloc_trim()
     if trim is not None:

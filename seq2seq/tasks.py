@@ -8,7 +8,6 @@ in ``train.py`` sees only this interface.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +24,6 @@ from seq2seq.distributed import DistContext
 from seq2seq.evaluate import perplexity, score_corpus
 from seq2seq.inference import encode_source, translate_ids
 from seq2seq.tokenizer import EOS, PAD, CharTokenizer, SentencePieceTokenizer, Tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def token_losses(logits: torch.Tensor, target: torch.Tensor,

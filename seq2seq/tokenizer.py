@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,8 +23,6 @@ from seq2seq.files import atomic_write
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
-
-log = logging.getLogger(__name__)
 
 
 class TokenizerError(ValueError):

@@ -251,13 +251,13 @@ def test_sampler_set_lengths_keeps_epoch_and_position():
     src, tgt = random_lengths(300)
     longer = ([n + i % 3 for i, n in enumerate(src)], [n + i % 2 for i, n in enumerate(tgt)])
     sampler = TokenBatchSampler(src, tgt, 250, seed=4)
-    sampler.set_epoch(2)
+    sampler.load_state_dict({"epoch": 2, "position": 0})
     iterator = iter(sampler)
     head = [next(iterator) for _ in range(3)]
     sampler.set_lengths(*longer)
     assert sampler.state_dict() == {"epoch": 2, "position": 3}
     fresh = TokenBatchSampler(*longer, 250, seed=4)
-    fresh.set_epoch(2)
+    fresh.load_state_dict({"epoch": 2, "position": 0})
     assert list(sampler) == list(fresh)[3:] and head != list(fresh)[:3]
     with pytest.raises(ValueError, match="one source and one target length per example"):
         sampler.set_lengths(src[:-1], tgt[:-1])
@@ -304,7 +304,7 @@ def test_sampler_covers_each_example_once_across_ranks(world_size):
         seen, counts = [], set()
         for rank in range(world_size):
             sampler = TokenBatchSampler(src, tgt, 300, seed=5, rank=rank, world_size=world_size)
-            sampler.set_epoch(epoch)
+            sampler.load_state_dict({"epoch": epoch, "position": 0})
             batches = list(sampler)
             assert len(batches) == len(sampler)
             counts.add(len(batches))
@@ -337,7 +337,7 @@ def test_sampler_deterministic_per_seed_and_epoch():
 
     def epoch_batches(seed: int, epoch: int) -> list[list[int]]:
         sampler = TokenBatchSampler(src, tgt, 250, seed=seed)
-        sampler.set_epoch(epoch)
+        sampler.load_state_dict({"epoch": epoch, "position": 0})
         return list(sampler)
 
     assert epoch_batches(1, 0) == epoch_batches(1, 0)
@@ -360,7 +360,7 @@ def test_sampler_iteration_advances_epoch_and_unshuffled_is_sorted():
 def test_sampler_resume_continues_identically():
     src, tgt = random_lengths(600)
     sampler = TokenBatchSampler(src, tgt, 250, seed=7, rank=1, world_size=2)
-    sampler.set_epoch(3)
+    sampler.load_state_dict({"epoch": 3, "position": 0})
     iterator = iter(sampler)
     head = [next(iterator) for _ in range(4)]
     state = sampler.state_dict()
@@ -368,10 +368,9 @@ def test_sampler_resume_continues_identically():
     rest = list(iterator)
     resumed = TokenBatchSampler(src, tgt, 250, seed=7, rank=1, world_size=2)
     resumed.load_state_dict(state)
-    resumed.set_epoch(3)  # the usual training loop call keeps the restored position
     assert list(resumed) == rest and len(head) + len(rest) == len(resumed)
     uninterrupted = TokenBatchSampler(src, tgt, 250, seed=7, rank=1, world_size=2)
-    uninterrupted.set_epoch(3)
+    uninterrupted.load_state_dict({"epoch": 3, "position": 0})
     assert list(uninterrupted) == head + rest
 
 

@@ -40,9 +40,10 @@ def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE) -> None:
 
     oneDNN, which runs the fused LSTM layers on CPUs, compiles a primitive per input shape and
     caches up to 1,024 of them (about a megabyte each). Token-budget batches and beam search bring
-    a new shape at nearly every call, so the default cache mostly grows: a Multi30k training run
-    passed 1.5 GB within minutes. oneDNN reads the variable when it first runs, so this must come
-    before the process's first LSTM call (``train`` and ``load_model`` call it first thing).
+    a new shape at nearly every call, so the default cache mostly grows, by gigabytes over a
+    training run (README, "Measured results"). oneDNN reads the variable when it first runs, so
+    this must come before the process's first LSTM call (``train`` and ``load_model`` call it
+    first thing).
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
