@@ -27,22 +27,33 @@ from .conftest import RECIPES
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 LINES = 3000
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "seq2seq" / "corpora" / "tinyshakespeare.txt.gz"
 
 
 def ctx(rank: int = 0, world_size: int = 1) -> DistContext:
     return DistContext(rank, world_size, rank, torch.device("cpu"))
 
 
+def corpus_lines(lang: str) -> list[str]:
+    """LINES lines of one side: Multi30k's training file where it is available, else (a clean
+    checkout in CI) pseudo-pairs from the packaged Tiny Shakespeare, a line and the line after it,
+    so that the comparison with the old path always runs on thousands of real sentences."""
+    if MULTI30K.exists():
+        with gzip.open(MULTI30K / f"train.{lang}.gz", "rt", encoding="utf-8") as handle:
+            return [next(handle).rstrip("\n") for _ in range(LINES)]
+    with gzip.open(SHAKESPEARE, "rt", encoding="utf-8") as handle:
+        text = [line.strip() for line in handle if line.strip()]
+    offset = 0 if lang == "de" else 1
+    return text[offset:offset + LINES]
+
+
 @pytest.fixture(scope="module")
 def multi30k_sized(tmp_path_factory) -> Path:
-    """The first LINES Multi30k training pairs (plus an empty and an overlong line) as plain
-    files, and 50 validation pairs."""
-    if not MULTI30K.exists():
-        pytest.skip("Multi30k not available")
+    """LINES training pairs (plus an empty and an overlong line) as plain files, and 50
+    validation pairs (see :func:`corpus_lines`)."""
     root = tmp_path_factory.mktemp("m30k")
     for lang in ("de", "en"):
-        with gzip.open(MULTI30K / f"train.{lang}.gz", "rt", encoding="utf-8") as handle:
-            lines = [next(handle).rstrip("\n") for _ in range(LINES)]
+        lines = corpus_lines(lang)
         lines[10] = "" if lang == "de" else lines[10]
         lines[20] = " ".join([lines[20]] * 12)
         (root / f"train.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
