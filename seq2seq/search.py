@@ -355,11 +355,11 @@ class _Finished:
                 self.worst[i] = kept[-1].score
 
 
-def _coverage(state: DecoderState, attention: Tensor | None, beta: float) -> Tensor | None:
-    """Coverage (R, S): the state's, else the summed attention history; None when beta = 0."""
+def _coverage(coverage: Tensor | None, attention: Tensor | None, beta: float) -> Tensor | None:
+    """Coverage (R, S): the state's ``coverage``, else the summed attention history; None when
+    beta = 0."""
     if beta == 0:
         return None
-    coverage = exposed_coverage(state)
     if coverage is None and attention is not None:
         coverage = attention.sum(1)
     return None if coverage is None else coverage.detach().float()
@@ -459,9 +459,10 @@ def beam_search(step: StepFn, state: DecoderState, first: Tensor, max_lengths: T
         total = raw.detach().float().add_(beams.log_prob[:, None])
         apply_rules(total, beams.tokens, rules, True, token_ids)
         del raw
-        history = keep_attention or (coverage_penalty != 0 and exposed_coverage(state) is None)
+        exposed = exposed_coverage(state) if coverage_penalty != 0 else None  # once a step
+        history = keep_attention or (coverage_penalty != 0 and exposed is None)
         attention = _step_attention(state, beams.attention) if history else None  # (R, t+1, S)
-        coverage = _coverage(state, attention, coverage_penalty)  # (R, S)
+        coverage = _coverage(exposed, attention, coverage_penalty)  # (R, S)
         if coverage is None and coverage_penalty != 0 and t == 0:
             warnings.warn("coverage_penalty has no effect: the model's decoding state exposes "
                           "neither attention nor coverage", RuntimeWarning, stacklevel=3)
