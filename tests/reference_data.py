@@ -1,5 +1,6 @@
-"""The list-based data path as it was before the memory-mapped corpus (issue 14), kept verbatim
-as the reference the new path must reproduce batch for batch. Not used by the package."""
+"""The list-based data path as it was before the memory-mapped corpus (issue 14): the functions
+the tests compare the new path against, kept verbatim, as the reference it must reproduce batch
+for batch. Not used by the package."""
 
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from typing import Any
 import torch
 
 from seq2seq.config import DataConfig, resolve_path
-from seq2seq.tokenizer import BOS, EOS, PAD, SentencePieceTokenizer, Tokenizer
+from seq2seq.tokenizer import BOS, EOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
 
-PACKAGED_TEXT = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
 SPLITS = ("train", "valid", "test")
 
 
@@ -202,21 +202,6 @@ def read_parallel(data: DataConfig, split: str, seed: int = 1) -> list[tuple[str
     return kept
 
 
-def read_text(data: DataConfig) -> str:
-    """The LM corpus: data.text, the packaged Tiny Shakespeare ("") or an hf train split."""
-    if data.format == "hf":
-        split_name = data.hf_train_split
-        where = f"dataset {data.hf_dataset!r} split {split_name!r}"
-        column = _hf_column(_load_hf(data, split_name), data.source_field or "text", where)
-        text = "\n".join(str(row) for row in column)
-    else:
-        where = str(PACKAGED_TEXT if not data.text else resolve_path(data.root, data.text))
-        text = _read_text_file(Path(where))
-    if not text.strip():
-        raise DataError(f"{where}: the text is empty; point data.text at a non-empty UTF-8 file")
-    return text
-
-
 def split_text(text: str, valid_fraction: float) -> tuple[str, str]:
     """(train, valid): the last ``valid_fraction`` of the characters validates."""
     if not 0.0 <= valid_fraction < 1.0:
@@ -268,25 +253,6 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer,
     log.info("encoded %d of %d pairs: dropped %d with an empty side and %d longer than %d tokens",
              len(src), len(pairs), empty, long, max_length)
     return ParallelData(src, tgt, kept)
-
-
-def sample_pairs(pairs: Sequence[tuple[str, str]], best: ParallelData,
-                 tokenizer: SentencePieceTokenizer, alpha: float, nbest: int, seed: int,
-                 max_length: int) -> ParallelData:
-    """``best`` (what :func:`encode_pairs` made of ``pairs``) re-segmented by subword sampling,
-    a function of ``seed``. The examples stay those ``best`` kept: a sampled side longer than
-    ``max_length`` keeps its best segmentation, so every epoch trains on the same pairs."""
-    sources = [pairs[i][0] for i in best.kept]
-    targets = [pairs[i][1] for i in best.kept]
-    ids = tokenizer.encode_sampled(sources + targets, alpha, nbest, seed)
-
-    def fits(side: list[int]) -> bool:
-        return bool(side) and (max_length <= 0 or len(side) <= max_length)
-
-    n = len(best)
-    src = [ids[i] + [EOS] if fits(ids[i]) else best.src[i] for i in range(n)]
-    tgt = [ids[n + i] if fits(ids[n + i]) else best.tgt[i] for i in range(n)]
-    return ParallelData(src, tgt, best.kept)
 
 
 # --- batching ------------------------------------------------------------------------------------
@@ -461,23 +427,6 @@ def collate(data: ParallelData, indices: list[int]) -> Batch:
     tgt_out, _ = _pad([[*data.tgt[i], EOS] for i in indices])
     return Batch(src, src_lengths, tgt_in, tgt_out,
                  num_src_tokens=int(src_lengths.sum()), num_tgt_tokens=int(tgt_lengths.sum()))
-
-
-def inference_batches(src_ids: list[list[int]], max_tokens: int) -> Iterator[list[int]]:
-    """Index batches, longest sources first, with ``B * max(len) <= max_tokens`` (a longer
-    single source gets its own batch). The caller restores the input order."""
-    order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
-    batch: list[int] = []
-    width = 0
-    for i in order:
-        length = max(len(src_ids[i]), 1)
-        if batch and (len(batch) + 1) * max(width, length) > max_tokens:
-            yield batch
-            batch, width = [], 0
-        batch.append(i)
-        width = max(width, length)
-    if batch:
-        yield batch
 
 
 class LMStream(_Position):
