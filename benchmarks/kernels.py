@@ -1,10 +1,12 @@
-"""The CPU kernel choices behind the decoder and the attention, re-measured on this machine.
+"""The CPU kernel choices behind training, the decoder and the attention, re-measured here.
 
 The code takes a few measured shortcuts (DESIGN section 6): ``tanh`` evaluated as
-``2 sigmoid(2x) - 1`` (``lstm_cell``, the additive attention), and beam search's two-stage
-top-k over (beam x vocabulary) scores. Whether a shortcut pays depends on the CPU and torch's
-kernels for it, so this script measures each next to the plain form; the last line is one JSON
-object with every figure and the machine.
+``2 sigmoid(2x) - 1`` (``lstm_cell``, the additive attention), beam search's two-stage
+top-k over (beam x vocabulary) scores, the training loss from one log-softmax with a one-pass
+gradient (``tasks.token_losses``) instead of two ``F.cross_entropy`` calls, and Adam's fused
+kernel. Whether a shortcut pays depends on the CPU and torch's kernels for it, so this script
+measures each next to the plain form; the last line is one JSON object with every figure and
+the machine.
 
     python benchmarks/kernels.py --threads 2
 """
@@ -23,11 +25,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, machine_line  # noqa: E402
 
+from seq2seq.config import ModelConfig  # noqa: E402
+from seq2seq.model import build_model  # noqa: E402
 from seq2seq.search import _top_k_of_groups  # noqa: E402
+from seq2seq.tasks import token_losses  # noqa: E402
+from seq2seq.tokenizer import PAD  # noqa: E402
 
 
 def seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -73,6 +80,41 @@ def top_k(rows: int, beam: int, vocab: int, repeats: int) -> dict[str, float]:
                                     repeats) * 1e3}
 
 
+def training_loss(rows: int, vocab: int, smoothing: float, repeats: int) -> dict[str, float]:
+    """ms of loss forward + backward over (rows, vocab) logits: the summed label-smoothed loss
+    and the NLL beside it, by two ``F.cross_entropy`` calls and by ``token_losses``."""
+    logits = torch.randn(rows, vocab)
+    target = torch.randint(PAD + 1, vocab, (rows,))
+    target[::10] = PAD
+
+    def two_calls() -> None:
+        x = logits.clone().requires_grad_()
+        nll = F.cross_entropy(x, target, ignore_index=PAD, reduction="sum")
+        F.cross_entropy(x, target, ignore_index=PAD, reduction="sum",
+                        label_smoothing=smoothing).backward()
+        nll.detach()
+
+    def one_pass() -> None:
+        x = logits.clone().requires_grad_()
+        token_losses(x, target, smoothing)[0].backward()
+
+    return {"two_cross_entropy_ms": seconds(two_calls, repeats) * 1e3,
+            "one_pass_ms": seconds(one_pass, repeats) * 1e3}
+
+
+def adam_step(repeats: int) -> dict[str, float]:
+    """ms of one Adam step over the Multi30k recipe's parameters (4.6M), per-tensor and fused."""
+    config = ModelConfig(embed_dim=256, hidden_size=256)
+    params = list(build_model(config, 8000, "translation").parameters())
+    for param in params:
+        param.grad = torch.randn_like(param) * 1e-3
+    figures = {}
+    for fused in (False, True):
+        optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.98), fused=fused)
+        figures["fused_ms" if fused else "per_tensor_ms"] = seconds(optimizer.step, repeats) * 1e3
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
@@ -96,6 +138,16 @@ def main() -> None:
         print(f"top-10 of {rows} inputs x 5 beams x {vocab:,}: plain {figures['plain_ms']:.2f} ms, "
               f"two-stage {figures['two_stage_ms']:.2f} ms "
               f"({figures['plain_ms'] / figures['two_stage_ms']:.1f}x)")
+    figures = training_loss(1600, 3968, 0.1, args.repeats)  # a 3,000-token Multi30k batch
+    results["loss_1600x3968"] = figures
+    print(f"label-smoothed loss + NLL, forward and backward, 1,600 x 3,968: two cross_entropy "
+          f"{figures['two_cross_entropy_ms']:.1f} ms, one pass {figures['one_pass_ms']:.1f} ms "
+          f"({figures['two_cross_entropy_ms'] / figures['one_pass_ms']:.1f}x)")
+    figures = adam_step(args.repeats)
+    results["adam_4.6M"] = figures
+    print(f"Adam step over 4.6M parameters: per tensor {figures['per_tensor_ms']:.1f} ms, "
+          f"fused {figures['fused_ms']:.1f} ms "
+          f"({figures['per_tensor_ms'] / figures['fused_ms']:.1f}x)")
     print(json.dumps(results))
 
 

@@ -126,6 +126,7 @@ class Batcher:
         self.loaded, self.wait_s, self.token_budget = loaded, wait_s, token_budget
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._batches = 0
+        self.searches = self.sentences = 0  # batched searches run, and the sentences in them
         self._thread = threading.Thread(target=self._loop, name="seq2seq-decoder", daemon=True)
         self._thread.start()
 
@@ -193,6 +194,7 @@ class Batcher:
     def _translate(self, jobs: list[_Job], config: DecodeConfig) -> list[list[list[Hypothesis]]]:
         """One batched search over the jobs' non-empty sources; results split back per job."""
         sources = [ids for job in jobs for ids in job.ids if ids]
+        self.searches, self.sentences = self.searches + 1, self.sentences + len(sources)
         decoded = iter(translate_ids(self.loaded.model, sources, config, self.loaded.device))
         return [[next(decoded) if ids else [] for ids in job.ids] for job in jobs]
 
@@ -218,6 +220,24 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class _BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over ``max_body`` gets a 413 before its
+    body is read. Plain ASGI, because Starlette's ``BaseHTTPMiddleware`` costs every request a
+    task group and a body stream: about a third of the server's time per request under load."""
+
+    def __init__(self, app: Any, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_body:
+                await _error(413, f"request body of {int(length)} bytes is over the limit of "
+                                  f"{self.max_body}")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -278,14 +298,8 @@ def create_app(loaded: LoadedModel, paths: list[str] | None = None,
     app = FastAPI(title="seq2seq", version="0.1.0", lifespan=lifespan,
                   description="GNMT-style LSTM translation and character-level LMs.")
     app.state.batcher = batcher
-    max_body = limits.max_sentences * (4 * limits.max_chars + 16) + 4096
-
-    @app.middleware("http")
-    async def refuse_huge_bodies(request: Request, call_next):  # noqa: ANN202
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body:
-            return _error(413, f"request body of {length} bytes is over the limit of {max_body}")
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, max_body=limits.max_sentences * (4 * limits.max_chars + 16)
+                       + 4096)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -307,6 +321,12 @@ def create_app(loaded: LoadedModel, paths: list[str] | None = None,
     async def health() -> dict[str, str]:
         """Liveness: the server answers."""
         return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, int]:
+        """Counters since the start: batched searches and the sentences they decoded (their ratio
+        is how well concurrent requests are being batched together)."""
+        return {"searches": batcher.searches, "sentences": batcher.sentences}
 
     @app.get("/info")
     async def get_info() -> dict[str, Any]:

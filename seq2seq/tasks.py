@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seq2seq import corpus, data
@@ -26,19 +25,51 @@ from seq2seq.inference import encode_source, translate_ids
 from seq2seq.tokenizer import EOS, PAD, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
 
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """Summed label-smoothed cross-entropy over non-PAD rows, and their summed NLL, from one
+    log-softmax. ``F.cross_entropy`` would need a second log-softmax for the NLL, and its backward
+    makes five passes over the (rows x vocabulary) scores; this one makes two: the gradient is
+    written directly as softmax minus the smoothed one-hot target, scaled per row."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor,
+                smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        real = target != PAD
+        picked = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        nll = -torch.where(real, picked, 0.0).sum()
+        loss = nll.clone()  # a tensor of its own: the NLL is marked non-differentiable
+        if smoothing:
+            uniform = -torch.where(real, log_probs.sum(1), 0.0).sum() / logits.size(1)
+            loss = (1.0 - smoothing) * nll + smoothing * uniform
+        ctx.save_for_backward(log_probs, target, real)
+        ctx.smoothing = smoothing
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor,
+                 _grad_nll: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        log_probs, target, real = ctx.saved_tensors
+        smoothing, vocab = ctx.smoothing, log_probs.size(1)
+        row_scale = (grad_loss * real).unsqueeze(1).to(log_probs.dtype)  # (N, 1): 0 on PAD rows
+        grad = torch.exp(log_probs)
+        torch.addcmul(row_scale * (-smoothing / vocab), grad, row_scale, out=grad)
+        grad.scatter_add_(1, target.unsqueeze(1), row_scale * (smoothing - 1.0))
+        return grad, None, None
+
+
 def token_losses(logits: torch.Tensor, target: torch.Tensor,
                  smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed loss and summed NLL over non-PAD targets.
+    """Summed label-smoothed loss and summed NLL over non-PAD targets, as
+    ``F.cross_entropy(..., ignore_index=PAD, reduction="sum", label_smoothing=smoothing)`` and
+    the same without smoothing would give them.
 
     logits (B, T, V), target (B, T) -> two scalars (the NLL detached).
     """
     flat_logits, flat_target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)
-    nll = F.cross_entropy(flat_logits, flat_target, ignore_index=PAD, reduction="sum")
-    if not smoothing:
-        return nll, nll.detach()
-    smoothed = F.cross_entropy(flat_logits, flat_target, ignore_index=PAD, reduction="sum",
-                               label_smoothing=smoothing)
-    return smoothed, nll.detach()
+    loss, nll = _SmoothedCrossEntropy.apply(flat_logits, flat_target, float(smoothing))
+    return loss, nll
 
 
 def _columns(model: nn.Module, target: torch.Tensor) -> torch.Tensor:

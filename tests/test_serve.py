@@ -72,7 +72,7 @@ def test_concurrent_requests_are_decoded_together_and_answered_apart(toy_loaded,
     futures = [batcher.translate(ids[i:i + 3], config) for i in range(0, 12, 3)]
     results = [hyp for future in futures for hyp in future.result(timeout=60)]
     batcher.close()
-    assert batcher._batches == 1  # submitted within the 2 s gathering window: one search
+    assert (batcher.searches, batcher.sentences) == (1, 12)  # within the 2 s window: one search
     expected = translate_lines(toy_loaded, sources[:12], config)
     assert [h[0].tokens for h in results] == [h[0].tokens for h in expected]
 
@@ -84,8 +84,15 @@ def test_health_info_and_openapi(client):
     assert info["tokenizer"]["kind"] == "char" and info["limits"]["max_sentences"] == 4
     assert info["recipe"]["model"]["hidden_size"] > 0
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/translate", "/generate", "/health", "/info"} <= set(paths)
+    assert {"/translate", "/generate", "/health", "/info", "/stats"} <= set(paths)
     assert "<textarea" in client.get("/").text
+
+
+def test_stats_count_searches_and_sentences(client, sources):
+    before = client.get("/stats").json()
+    assert client.post("/translate", json={"text": sources[:3]}).status_code == 200
+    after = client.get("/stats").json()
+    assert after == {"searches": before["searches"] + 1, "sentences": before["sentences"] + 3}
 
 
 BAD_REQUESTS = [

@@ -24,8 +24,8 @@ from seq2seq.checkpoint import CheckpointError, load_checkpoint
 from seq2seq.config import TrainConfig, load_recipe
 from seq2seq.data import TokenBatchSampler, collate, encode_pairs, read_parallel
 from seq2seq.inference import best_text, load_model, translate_lines
-from seq2seq.tasks import make_task
-from seq2seq.tokenizer import load_tokenizer, train_tokenizer
+from seq2seq.tasks import make_task, token_losses
+from seq2seq.tokenizer import PAD, load_tokenizer, train_tokenizer
 from seq2seq.train import Trainer, TrainingError, budget_fraction, learning_rate, train
 
 from .conftest import RECIPES, TOY_SETTINGS, lm_recipe, toy_recipe
@@ -73,6 +73,30 @@ def test_gnmt_schedule_by_hand():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_loss_equals_cross_entropy_in_value_and_gradient(smoothing):
+    """The one-pass label-smoothed loss against torch's cross_entropy, PAD rows ignored."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 4).requires_grad_()
+    target = torch.randint(1, 50, (3, 7))
+    target[0, 4:] = PAD
+    target[2, :] = PAD  # a row of padding only
+    loss, nll = token_losses(logits, target, smoothing)
+    loss.backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    flat = logits.reshape(-1, 50)
+    expected = torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=PAD,
+                                                 reduction="sum", label_smoothing=smoothing)
+    expected.backward()
+    plain = torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=PAD,
+                                              reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, plain.detach())
+    torch.testing.assert_close(ours, logits.grad)
+    assert not nll.requires_grad and not ours[2].any()
+
+
 def test_toy_reversal_is_learned(toy_run):
     loaded = load_model(toy_run / "best.pt")
     pairs = read_parallel(loaded.recipe.data, "valid", seed=loaded.recipe.train.seed)
