@@ -60,16 +60,18 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         ids = [member.output_ids() for member in members]
         union: Tensor | None = None  # the ensemble's column ids (None: every id)
-        self._scatter: list[Tensor | None] = [None] * len(members)  # member column -> ours
+        scatter: list[Tensor | None] = [None] * len(members)  # member column -> ours
         self._width = members[0].vocab_size
         if any(i is not None for i in ids):
             columns = [torch.arange(self._width) if i is None else i.cpu() for i in ids]
             union = torch.unique(torch.cat(columns))  # sorted, so the special ids stay 0-3
-            self._scatter = [None if c.numel() == union.numel() else torch.searchsorted(union, c)
-                             for c in columns]
+            scatter = [None if c.numel() == union.numel() else torch.searchsorted(union, c)
+                       for c in columns]
             self._width = union.numel()
             union = None if union.numel() == members[0].vocab_size else union
         self.register_buffer("_union", union, persistent=False)  # moves with .to(device)
+        for i, columns in enumerate(scatter):  # buffers too: no copy to the device per step
+            self.register_buffer(f"_scatter{i}", columns, persistent=False)
 
     def output_ids(self) -> Tensor | None:
         """The token id of each column of :meth:`step`'s log-probs (None: column j is id j)."""
@@ -83,13 +85,14 @@ class Ensemble(nn.Module):
         """prev (N,) long -> the members' mean log-probs (N, V) and the next state."""
         total: Tensor | None = None
         states = []
-        for member, member_state, scatter in zip(self.members, state.members, self._scatter,
-                                                 strict=True):
+        for i, (member, member_state) in enumerate(zip(self.members, state.members,
+                                                       strict=True)):
             log_probs, new_state = member.step(prev, member_state)
+            scatter = getattr(self, f"_scatter{i}")
             states.append(new_state)
             if scatter is not None:  # widen to the union's columns, -inf where it cannot emit
                 wide = log_probs.new_full((log_probs.size(0), self._width), float("-inf"))
-                log_probs = wide.index_copy_(1, scatter.to(wide.device), log_probs)
+                log_probs = wide.index_copy_(1, scatter, log_probs)
             total = log_probs if total is None else total.add_(log_probs)
         assert total is not None
         return total.div_(len(self.members)), EnsembleState(tuple(states))

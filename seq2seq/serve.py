@@ -36,6 +36,7 @@ from seq2seq.inference import (
     InferenceError,
     LoadedModel,
     check_decode_options,
+    encode_source,
     generate,
     generation_config,
     load_models,
@@ -43,7 +44,6 @@ from seq2seq.inference import (
     translate_ids,
 )
 from seq2seq.search import Hypothesis
-from seq2seq.tokenizer import EOS
 
 try:
     import uvicorn
@@ -409,7 +409,7 @@ def _encode(loaded: LoadedModel, texts: list[str], limits: Limits) -> list[list[
         if len(text) > limits.max_chars:
             raise RequestError(413, f"text[{i}]: {len(text)} characters, the limit is "
                                     f"{limits.max_chars}")
-        ids.append(loaded.tokenizer.encode(text) + [EOS] if text.strip() else [])
+        ids.append(encode_source(loaded.tokenizer, text) if text.strip() else [])
     return ids
 
 

@@ -42,7 +42,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         if smoothing:
             uniform = -torch.where(real, log_probs.sum(1), 0.0).sum() / logits.size(1)
             loss = (1.0 - smoothing) * nll + smoothing * uniform
-        ctx.save_for_backward(log_probs, target, real)
+        ctx.save_for_backward(log_probs, target)
         ctx.smoothing = smoothing
         ctx.mark_non_differentiable(nll)
         return loss, nll
@@ -50,7 +50,8 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor,
                  _grad_nll: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        log_probs, target, real = ctx.saved_tensors
+        log_probs, target = ctx.saved_tensors
+        real = target != PAD
         smoothing, vocab = ctx.smoothing, log_probs.size(1)
         row_scale = (grad_loss * real).unsqueeze(1).to(log_probs.dtype)  # (N, 1): 0 on PAD rows
         grad = torch.exp(log_probs)
@@ -68,8 +69,7 @@ def token_losses(logits: torch.Tensor, target: torch.Tensor,
     logits (B, T, V), target (B, T) -> two scalars (the NLL detached).
     """
     flat_logits, flat_target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)
-    loss, nll = _SmoothedCrossEntropy.apply(flat_logits, flat_target, float(smoothing))
-    return loss, nll
+    return _SmoothedCrossEntropy.apply(flat_logits, flat_target, float(smoothing))
 
 
 def _columns(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
