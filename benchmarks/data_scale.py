@@ -7,8 +7,9 @@ Multi30k sentences, about 24 words a side; Multi30k's validation set validates),
 torchrun processes, each twice: a first start (tokenizer training, encoding into the
 memory-mapped cache) and a second start in the same run directory (tokenizer and cache reused).
 Each rank reports, through a small hook around the trainer: the seconds from launch to the end
-of its first optimizer step, the seconds spent encoding, its peak RSS at that point, and the data
-path's speed (``task.next_step()`` batches per second: the sampler, collate and the memory-mapped
+of its first optimizer step, the seconds spent encoding, its peak RSS at that point, its peak
+private (anonymous) memory, sampled every 20 ms, and the mapped file pages it holds at that point
+(page cache, which the ranks of a node share and the kernel can drop), and the data path's speed (``task.next_step()`` batches per second: the sampler, collate and the memory-mapped
 arrays, no model). ``--old REPO_DIR`` also runs the first start of another checkout (e.g. the
 code before issue 14) for comparison. The last line is one JSON object.
 
@@ -39,11 +40,24 @@ SETTINGS = ("train.max_steps=1", "tokenizer.max_sentences=100000", "data.max_len
 # Runs in each rank (``--worker``): times the first step, measures the data path, then exits
 # before validating (the figures are about getting to training, not about the model).
 WORKER = """
-import json, os, resource, sys, time
+import json, os, resource, sys, threading, time
 from seq2seq import train
 
 rank, record, launched = int(os.environ.get("RANK", 0)), os.environ["RECORD"], float(sys.argv[1])
 spent = {"encode_s": 0.0}
+memory = {"peak_anon_mib": 0.0}
+
+def status_mib():
+    with open("/proc/self/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile", "RssShmem")}
+
+def watch_anonymous():  # the kernel keeps no peak of RssAnon: sample it
+    while True:
+        memory["peak_anon_mib"] = max(memory["peak_anon_mib"], status_mib()["RssAnon"])
+        time.sleep(0.02)
+
+threading.Thread(target=watch_anonymous, daemon=True).start()
 try:
     from seq2seq import corpus
     real_build = corpus.build_parallel
@@ -60,13 +74,16 @@ def first_step(self, micro_batches):
     stats = real_step(self, micro_batches)
     first = time.time() - launched
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    now = status_mib()
+    anon = max(memory["peak_anon_mib"], now["RssAnon"])
     started, count = time.perf_counter(), 0
     while time.perf_counter() - started < 5.0:
         self.task.next_step()
         count += 1
     params = sum(p.numel() for p in self.model.parameters())
     with open(f"{record}.rank{rank}.json", "w") as handle:
-        json.dump({"first_step_s": first, "peak_rss_mib": rss, **spent,
+        json.dump({"first_step_s": first, "peak_rss_mib": rss, "peak_anon_mib": anon,
+                   "file_mib": now["RssFile"], **spent,
                    "batches_per_s": count / (time.perf_counter() - started),
                    "model_optimizer_mib": params * 16 / 2**20}, handle)
     os._exit(0)
@@ -122,9 +139,11 @@ def start(corpus: Path, out: Path, nproc: int, code: Path, record: Path) -> list
 
 def summary(label: str, ranks: list[dict]) -> str:
     peaks = ", ".join(f"{r['peak_rss_mib']:.0f}" for r in ranks)
+    anon = ", ".join(f"{r.get('peak_anon_mib', float('nan')):.0f}" for r in ranks)
+    files = ", ".join(f"{r.get('file_mib', float('nan')):.0f}" for r in ranks)
     return (f"{label}: first step after {max(r['first_step_s'] for r in ranks):.1f} s "
             f"(encoding {ranks[0]['encode_s']:.1f} s), peak RSS per rank "
-            f"{peaks} MiB (model + Adam "
+            f"{peaks} MiB (private {anon}; mapped files {files} at the first step; model + Adam "
             f"{ranks[0]['model_optimizer_mib']:.0f} MiB), data path "
             f"{ranks[0]['batches_per_s']:.0f} batches/s")
 
@@ -172,7 +191,9 @@ def main() -> None:
             first_start_s=max(r["first_step_s"] for r in two["first"]),
             second_start_s=max(r["first_step_s"] for r in two["second"]),
             peak_rss_mib=[max(a["peak_rss_mib"], b["peak_rss_mib"])
-                          for a, b in zip(two["first"], two["second"], strict=True)])
+                          for a, b in zip(two["first"], two["second"], strict=True)],
+            peak_anon_mib=[max(a["peak_anon_mib"], b["peak_anon_mib"])
+                           for a, b in zip(two["first"], two["second"], strict=True)])
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

@@ -3,7 +3,8 @@
 An entry is a directory ``CACHE/<kind>-<key>/``: for translation ``src.ids``, ``src.offsets``,
 ``tgt.ids``, ``tgt.offsets`` and ``kept`` (see :class:`~seq2seq.data.Ragged`), for the character
 LM ``text.ids``; and ``manifest.json``, written last, saying what the entry was built from and
-what it holds. The key hashes what it was built from: the tokenizer (kind and a hash of its
+what it holds (for translation also the ids the target side uses, so that a start need not read
+every target token to find the model's output vocabulary). The key hashes what it was built from: the tokenizer (kind and a hash of its
 bytes), the length limit, and :func:`~seq2seq.data.source_key` (files by path, size and mtime).
 So another tokenizer or changed files give another entry, which is built; an entry whose
 manifest disagrees with its key is rebuilt.
@@ -36,7 +37,7 @@ from seq2seq.tokenizer import CharTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 CHUNK_PAIRS = 16_384  # pairs per SentencePiece batch call: enough for its threads, little memory
 
 
@@ -172,11 +173,13 @@ class _Side:
         self.dtype, self.tokens = dtype, 0
         self.offsets.write(np.zeros(1, dtype=np.int64).tobytes())
 
-    def append(self, rows: list[list[int]]) -> None:
+    def append(self, rows: list[list[int]]) -> np.ndarray:
+        """Write ``rows``; returns their ids, flat."""
         ragged = Ragged.from_rows(rows, dtype=self.dtype)
         self.ids.write(ragged.ids.tobytes())
         self.offsets.write((ragged.offsets[1:] + self.tokens).tobytes())
         self.tokens += len(ragged.ids)
+        return ragged.ids
 
 
 def build_parallel(entry: Path, inputs: dict[str, Any], pairs: Iterable[tuple[str, str]],
@@ -190,10 +193,11 @@ def build_parallel(entry: Path, inputs: dict[str, Any], pairs: Iterable[tuple[st
             kept = open(tmp / "kept", "wb")
             files.append(kept)
             total = count = empty = long = 0
+            target_counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
             for chunk_pairs in chunked(pairs, CHUNK_PAIRS):
                 chunk = encode_chunk(chunk_pairs, tokenizer, max_length, first=total)
                 src.append(chunk.src)
-                tgt.append(chunk.tgt)
+                target_counts += np.bincount(tgt.append(chunk.tgt), minlength=len(target_counts))
                 kept.write(np.asarray(chunk.kept, dtype=np.int64).tobytes())
                 total, count = total + len(chunk_pairs), count + len(chunk.src)
                 empty, long = empty + chunk.empty, long + chunk.long
@@ -205,6 +209,7 @@ def build_parallel(entry: Path, inputs: dict[str, Any], pairs: Iterable[tuple[st
                 handle.close()
         _write_manifest(tmp, {"built_from": inputs, "dtype": dtype, "pairs": count,
                               "src_tokens": src.tokens, "tgt_tokens": tgt.tokens,
+                              "target_ids": np.flatnonzero(target_counts).tolist(),
                               "read": total, "empty": empty, "long": long})
     log.info("encoded %d of %d pairs into %s in %.1f s: dropped %d with an empty side and %d "
              "longer than %d tokens", count, total, entry, time.perf_counter() - started, empty,

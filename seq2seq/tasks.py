@@ -140,7 +140,9 @@ class TranslationTask:
             corpus.build_parallel(entry, inputs, self._train_pairs(), tokenizer, max_length,
                                   needed)
 
-        return corpus.open_parallel(entry, _cached(self.ctx, entry, inputs, build))
+        manifest = _cached(self.ctx, entry, inputs, build)
+        self._target_ids = manifest["target_ids"]
+        return corpus.open_parallel(entry, manifest)
 
     def encode(self, tokenizer: Tokenizer, cache_dir: Path) -> None:
         self.tokenizer = tokenizer
@@ -202,13 +204,9 @@ class TranslationTask:
         return batch.num_src_tokens + batch.num_tgt_tokens
 
     def output_vocabulary(self) -> torch.Tensor:
-        """The ids the training targets use (EOS included): the model's target vocabulary."""
-        seen = np.zeros(self.tokenizer.vocab_size, dtype=bool)
-        ids = self.best_train.tgt.ids
-        for start in range(0, len(ids), 1 << 24):  # in slices: the ids may be a large memmap
-            seen[np.unique(ids[start : start + (1 << 24)])] = True
-        seen[EOS] = True
-        return torch.from_numpy(seen.nonzero()[0]).long()
+        """The ids the training targets use (EOS included): the model's target vocabulary.
+        Counted once, when the corpus was encoded (its manifest keeps them)."""
+        return torch.tensor(sorted({*self._target_ids, EOS}), dtype=torch.long)
 
     def loss(self, model: nn.Module, batch: data.Batch,
              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
