@@ -394,16 +394,23 @@ def _top_k_of_groups(total: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
     return values, flat.gather(1, pick)
 
 
-def _candidates(total: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The 2K best extensions per input of ``total`` (M*K, V), each beam's log-prob plus its
-    next-token log-probs: log-probs, parent rows and tokens, each (M, 2K).
+def _candidates(total: Tensor, group: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The 2K best extensions per input of ``total`` (M*group, V), each beam's log-prob plus
+    its next-token log-probs: log-probs, parent rows and tokens, each (M, 2K).
 
-    At most K of them end in EOS (one per parent), so at least K continue.
+    At most ``group`` <= K of them end in EOS (one per parent), so at least K continue. A
+    vocabulary too small for 2K candidates is padded with -inf ones (PAD from the first row).
     """
     v = total.shape[1]
-    scores, flat = _top_k_of_groups(total, k, min(2 * k, k * v))
-    rows = flat // v + torch.arange(scores.shape[0], device=total.device)[:, None] * k
-    return scores, rows, flat % v
+    scores, flat = _top_k_of_groups(total, group, min(2 * k, group * v))
+    rows = flat // v + torch.arange(scores.shape[0], device=total.device)[:, None] * group
+    tokens = flat % v
+    if scores.shape[1] < 2 * k:
+        missing = (scores.shape[0], 2 * k - scores.shape[1])
+        scores = torch.cat([scores, scores.new_full(missing, NEG_INF)], 1)
+        rows = torch.cat([rows, rows[:, :1].expand(missing)], 1)
+        tokens = torch.cat([tokens, tokens.new_full(missing, PAD)], 1)
+    return scores, rows, tokens
 
 
 def _bound(beams: _Beams, k: int, steps: int, alpha: float) -> Tensor:
@@ -445,12 +452,11 @@ def beam_search(step: StepFn, state: DecoderState, first: Tensor, max_lengths: T
     live = _empty_hypotheses(max_lengths.to(device), finished.kept)
     if live.numel() == 0:
         return finished.kept
-    rows = live.repeat_interleave(k)
-    state, prev = state.select(rows), first[rows]
-    start = torch.full((live.numel(), k), NEG_INF, device=device)
-    start[:, 0] = 0.0  # the K rows start identical: only one may extend at the first step
-    beams = _Beams(live, max_lengths.to(device)[live], start.view(-1),
-                   first.new_zeros((rows.numel(), 0)), None, None)
+    # The first step runs one row per input (its K beams would all be that row); its 2K
+    # candidates then become the K rows of each input.
+    state, prev, group = state.select(live), first[live], 1
+    beams = _Beams(live, max_lengths.to(device)[live], torch.zeros(live.numel(), device=device),
+                   first.new_zeros((live.numel(), 0)), None, None)
     offsets = torch.arange(k, device=device)
     while True:
         raw, state = step(prev, state)
@@ -467,8 +473,9 @@ def beam_search(step: StepFn, state: DecoderState, first: Tensor, max_lengths: T
             warnings.warn("coverage_penalty has no effect: the model's decoding state exposes "
                           "neither attention nor coverage", RuntimeWarning, stacklevel=3)
         if beams.real is None and coverage is not None:
-            beams.real = (coverage.view(-1, k, coverage.shape[1]) > 0).any(1)
-        scores, parents, tokens = _candidates(total, k)
+            beams.real = (coverage.view(-1, group, coverage.shape[1]) > 0).any(1)
+        scores, parents, tokens = _candidates(total, group, k)
+        group = k
         del total  # before the next step allocates its own (R, V) tensor
         if token_ids is not None:
             tokens = token_ids[tokens]
