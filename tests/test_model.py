@@ -465,19 +465,20 @@ def test_tiny_model_overfits_a_handful_of_pairs():
         assert torch.equal(greedy(model, src, lengths, 6), tgt_out)
 
 
-def test_step_lstm_is_the_same_function_as_the_fused_lstm():
-    """StepLSTM (one [x; h] matmul per step, reordered gates) with an fp32 linear equals nn.LSTM;
-    with the int8 linear it stays close."""
+@pytest.mark.parametrize("kind", ["StepLSTM", "SplitGatesLSTM"])
+def test_step_lstms_are_the_same_function_as_the_fused_lstm(kind):
+    """StepLSTM (one [x; h] matmul per step) and SplitGatesLSTM (x W_ih + b, then a matmul of h)
+    with fp32 linears equal nn.LSTM; with their linears int8 they stay close."""
     from torch.ao.quantization import quantize_dynamic
 
-    from seq2seq.model.quantize import StepLSTM
+    from seq2seq.model import quantize
 
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(6, 8, batch_first=True)
     with torch.no_grad():
         lstm.bias_ih_l0.uniform_(-0.5, 0.5)
     x, h0, c0 = torch.randn(3, 5, 6), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
-    step = StepLSTM.from_lstm(lstm)
+    step = getattr(quantize, kind).from_lstm(lstm)
     with torch.no_grad():
         expected, (h, c) = lstm(x, (h0, c0))
         got, (h2, c2) = step(x, (h0, c0))
@@ -487,29 +488,36 @@ def test_step_lstm_is_the_same_function_as_the_fused_lstm():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close((h2, c2), (h, c), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(from_zero, lstm(x)[0].detach(), atol=1e-6, rtol=1e-5)
-    assert isinstance(int8.gates, torch.ao.nn.quantized.dynamic.Linear)
+    linear = int8.gates if kind == "StepLSTM" else int8.hidden_gates
+    assert isinstance(linear, torch.ao.nn.quantized.dynamic.Linear)
     assert (approx - expected).abs().max() < 0.05
     with pytest.raises(ValueError, match="single-layer"):
-        StepLSTM.from_lstm(torch.nn.LSTM(6, 8, num_layers=2, batch_first=True))
+        getattr(quantize, kind).from_lstm(torch.nn.LSTM(6, 8, num_layers=2, batch_first=True))
 
 
 @pytest.mark.parametrize("target_vocabulary", [False, True])
-def test_int8_model_quantises_decoder_lstms_and_stays_close(target_vocabulary):
+def test_int8_model_quantises_decoder_lstms_and_stays_close(target_vocabulary, monkeypatch):
+    """The upper decoder layers become StepLSTMs, the bottom one a SplitGatesLSTM whose input
+    half a step reads from the same table as the fp32 model (the layer itself never runs)."""
     from seq2seq.model import quantize_int8
-    from seq2seq.model.quantize import StepLSTM
+    from seq2seq.model.quantize import SplitGatesLSTM, StepLSTM
 
     model = translation(target_vocabulary=target_vocabulary).eval()
     if target_vocabulary:
         model.output.restrict(torch.tensor([4, 5, 9, 10]))
     int8 = quantize_int8(model)
     assert all(isinstance(layer, StepLSTM) for layer in int8.decoder_upper.layers)
-    assert isinstance(int8.decoder_bottom.layers[0], StepLSTM)
+    assert isinstance(int8.decoder_bottom.layers[0], SplitGatesLSTM)
+    assert isinstance(int8.decoder_bottom.layers[0].hidden_gates,
+                      torch.ao.nn.quantized.dynamic.Linear)
     assert isinstance(int8.encoder_upper.layers[0], torch.nn.LSTM)  # whole sentences: fused fp32
     assert isinstance(model.decoder_bottom.layers[0], torch.nn.LSTM)  # the original is untouched
     src, lengths = source_batch()
     with torch.no_grad():
-        exact, _ = model.step(torch.tensor([4, 5, 6]), model.start(src, lengths))
-        approx, _ = int8.step(torch.tensor([4, 5, 6]), int8.start(src, lengths))
+        assert torch.equal(int8.input_gate_table()[0], model.input_gate_table()[0])
+        exact, _ = model.step(torch.tensor([4, 5, 9]), model.start(src, lengths))
+        monkeypatch.setattr(int8.decoder_bottom, "forward", None)  # any call fails
+        approx, _ = int8.step(torch.tensor([4, 5, 9]), int8.start(src, lengths))
     assert (approx.exp() - exact.exp()).abs().max() < 0.02
 
 

@@ -4,8 +4,11 @@ decoder's LSTM layers.
 torch's own dynamically quantised ``nn.LSTM`` runs each gate matmul as its own op and measured
 slower than the fused fp32 oneDNN kernel, so the decoder's LSTM layers (which decoding runs one
 step at a time) become :class:`StepLSTM`: one int8 matmul of ``[x; h]`` against the stacked gate
-weights per step, then the pointwise cell update. The encoder, which runs whole sentences at once,
-keeps the fused fp32 kernel. GRU layers stay fp32.
+weights per step, then the pointwise cell update. The translation decoder's bottom layer, whose
+input half of the gates is read from a table (``Seq2Seq.input_gate_table``), becomes
+:class:`SplitGatesLSTM` instead: that half stays fp32 for the table and only ``h W_hh`` runs int8.
+The encoder, which runs whole sentences at once, keeps the fused fp32 kernel. GRU layers stay
+fp32.
 
 This is the only module that imports ``torch.ao.quantization``. It is deprecated upstream in
 favour of torchao; it stays until torchao's dynamic int8 is measured faster on CPU (torchao is
@@ -20,6 +23,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.model.recurrent import OutputLayer, RecurrentStack, lstm_cell
@@ -55,8 +59,7 @@ class StepLSTM(nn.Module):
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM) -> StepLSTM:
         """The same function as a trained single-layer, unidirectional, batch-first ``lstm``."""
-        if lstm.num_layers != 1 or lstm.bidirectional or not lstm.batch_first or lstm.proj_size:
-            raise ValueError("StepLSTM replaces single-layer, unidirectional, batch-first LSTMs")
+        _check_replaceable(lstm)
         h = lstm.hidden_size
         linear = nn.Linear(lstm.input_size + h, 4 * h)
         with torch.no_grad():
@@ -78,6 +81,50 @@ class StepLSTM(nn.Module):
         return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 
 
+class SplitGatesLSTM(nn.Module):
+    """A batch-first single-layer LSTM whose gates are ``x W_ih^T + b``, from fp32 buffers
+    ``weight_ih`` and ``bias``, plus ``hidden_gates(h)`` (a linear module without bias, int8
+    after quantisation). A decoder layer fed embeddings alone reads the first half from a table,
+    so a decoding step's only matmul is the hidden half (``Seq2Seq._bottom_layer``)."""
+
+    def __init__(self, weight_ih: Tensor, bias: Tensor, hidden_gates: nn.Module):
+        super().__init__()
+        self.register_buffer("weight_ih", weight_ih)
+        self.register_buffer("bias", bias)
+        self.hidden_gates, self.hidden_size = hidden_gates, weight_ih.shape[0] // 4
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM) -> SplitGatesLSTM:
+        """The same function as a trained single-layer, unidirectional, batch-first ``lstm``."""
+        _check_replaceable(lstm)
+        hidden = nn.Linear(lstm.hidden_size, 4 * lstm.hidden_size, bias=False,
+                           device=lstm.weight_hh_l0.device)
+        with torch.no_grad():
+            hidden.weight.copy_(lstm.weight_hh_l0)
+            bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+        return cls(lstm.weight_ih_l0.detach().clone(), bias, hidden)
+
+    def forward(self, x: Tensor,
+                hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        batch, steps, _ = x.shape
+        if hx is None:
+            h = c = x.new_zeros(batch, self.hidden_size)
+        else:
+            h, c = hx[0][0], hx[1][0]
+        inputs = F.linear(x, self.weight_ih, self.bias)  # every step's input half at once
+        outputs = []
+        for t in range(steps):
+            h, c = lstm_cell(inputs[:, t] + self.hidden_gates(h), c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+
+
+def _check_replaceable(lstm: nn.LSTM) -> None:
+    if lstm.num_layers != 1 or lstm.bidirectional or not lstm.batch_first or lstm.proj_size:
+        raise ValueError("StepLSTM and SplitGatesLSTM replace single-layer, unidirectional, "
+                         "batch-first LSTMs")
+
+
 def _step_stacks(model: nn.Module) -> list[RecurrentStack]:
     """The stacks that decoding runs one token at a time: the translation decoder, the LM."""
     names = ("decoder_bottom", "decoder_upper", "rnn")
@@ -88,15 +135,17 @@ def _step_stacks(model: nn.Module) -> list[RecurrentStack]:
 def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``model`` for CPU inference with dynamic int8 matmuls: every linear layer, the output
     classifier (whose weight may be the tied embedding, so it is not an ``nn.Linear``) and the
-    decoder's LSTM layers (as :class:`StepLSTM`). A copy, unless ``inplace`` (which saves holding
-    the model twice while loading)."""
+    decoder's LSTM layers (as :class:`StepLSTM`; the translation decoder's bottom layer, which
+    takes its input gates from a table, as :class:`SplitGatesLSTM`). A copy, unless ``inplace``
+    (which saves holding the model twice while loading)."""
     quantize_dynamic = _quantize_dynamic()
     if not inplace:
         model = copy.deepcopy(model)
     for stack in _step_stacks(model):
+        split = stack is getattr(model, "decoder_bottom", None)
         for i, layer in enumerate(stack.layers):
             if isinstance(layer, nn.LSTM):
-                stack.layers[i] = StepLSTM.from_lstm(layer)
+                stack.layers[i] = (SplitGatesLSTM if split else StepLSTM).from_lstm(layer)
     with warnings.catch_warnings():  # torch 2.x flags its own qint8 tensor factories as deprecated
         warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
         model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.model.attention import BahdanauAttention
+from seq2seq.model.quantize import SplitGatesLSTM
 from seq2seq.model.recurrent import (
     BidirectionalLayer,
     DerivedTensors,
@@ -169,8 +170,11 @@ class Seq2Seq(nn.Module):
             if row_of is None or bool((rows >= 0).all()):
                 lstm = self.decoder_bottom.layers[0]
                 h, c = bottom[0][:, 0], bottom[1][:, 0]
-                h, c = lstm_cell(torch.addmm(table.index_select(0, rows), h,
-                                             lstm.weight_hh_l0.t()), c)
+                if isinstance(lstm, SplitGatesLSTM):  # int8: the hidden half is its own matmul
+                    gates = table.index_select(0, rows).add_(lstm.hidden_gates(h))
+                else:
+                    gates = torch.addmm(table.index_select(0, rows), h, lstm.weight_hh_l0.t())
+                h, c = lstm_cell(gates, c)
                 return h[:, None], (h[:, None], c[:, None])
         return self.decoder_bottom(self.tgt_embed(tgt_in), bottom)
 
@@ -181,28 +185,33 @@ class Seq2Seq(nn.Module):
         The bottom layer's input is the embedding of the previous token alone (no input
         feeding), so its input half of the gate matmul — half of that layer's work, a tenth of a
         beam-search step — is a lookup. The rows are the target vocabulary's ids when the model
-        has one, else every id; kept until the weights change (:class:`DerivedTensors`). None
-        for a GRU, an int8 model's layers, or when a table over the whole vocabulary would pass
+        has one, else every id; kept until the weights change (:class:`DerivedTensors`). The
+        layer is an ``nn.LSTM``, or an int8 model's :class:`SplitGatesLSTM` (whose input half
+        stays fp32). None for a GRU, or when a table over the whole vocabulary would pass
         ``INPUT_TABLE_BYTES`` (a bound read off the shapes, so a step does no work to check it).
         """
         lstm = self.decoder_bottom.layers[0]
-        if not isinstance(lstm, nn.LSTM):
+        if isinstance(lstm, nn.LSTM):
+            weight_ih, biases = lstm.weight_ih_l0, (lstm.bias_ih_l0, lstm.bias_hh_l0)
+        elif isinstance(lstm, SplitGatesLSTM):
+            weight_ih, biases = lstm.weight_ih, (lstm.bias,)
+        else:
             return None
         weight = self.tgt_embed.weight
-        if weight.shape[0] * lstm.weight_ih_l0.shape[0] * weight.element_size() > INPUT_TABLE_BYTES:
+        if weight.shape[0] * weight_ih.shape[0] * weight.element_size() > INPUT_TABLE_BYTES:
             return None
 
         def compute() -> tuple[Tensor, Tensor | None]:
             ids = self.output.target_ids()
             embedded = weight if ids is None else weight.index_select(0, ids)
-            table = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, embedded, lstm.weight_ih_l0.t())
+            table = torch.addmm(sum(biases[1:], biases[0]), embedded, weight_ih.t())
             if ids is None:
                 return table, None
             row_of = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
             row_of[ids] = torch.arange(ids.numel(), device=weight.device)
             return table, row_of
 
-        sources = (weight, lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+        sources = (weight, weight_ih, *biases)
         if self.output.target_mask is not None:
             sources += (self.output.target_mask,)
         return self._input_table.get(sources, compute)
