@@ -5,8 +5,9 @@ The code takes a few measured shortcuts (DESIGN section 6): ``tanh`` evaluated a
 top-k over (beam x vocabulary) scores, the training loss from one log-softmax with a one-pass
 gradient (``tasks.token_losses``) instead of two ``F.cross_entropy`` calls, and Adam's fused
 kernel. Whether a shortcut pays depends on the CPU and torch's kernels for it, so this script
-measures each next to the plain form; the last line is one JSON object with every figure and
-the machine.
+measures each next to the plain form; it also measures the rate of the training LSTM kernels,
+which bounds the recipe's MFU (README, training step). The last line is one JSON object with
+every figure and the machine.
 
     python benchmarks/kernels.py --threads 2
 """
@@ -115,6 +116,46 @@ def adam_step(repeats: int) -> dict[str, float]:
     return figures
 
 
+def _loop_lstm(x: torch.Tensor, lstm: torch.nn.LSTM) -> torch.Tensor:
+    """The same layer as ``lstm`` written as one input matmul for all steps and an ``addmm`` of
+    ``h W_hh`` per step, differentiated by autograd."""
+    batch, steps, _ = x.shape
+    hidden = lstm.hidden_size
+    inputs = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
+    h = c = x.new_zeros(batch, hidden)
+    outputs = []
+    for t in range(steps):
+        i, f, g, o = torch.addmm(inputs[:, t], h, lstm.weight_hh_l0.t()).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
+
+
+def training_lstm(input_size: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of one 256-wide LSTM layer, forward and backward, over batches shaped like the
+    Multi30k recipe's (80-140 sentences of 10-22 steps, a new shape each time): oneDNN's fused
+    kernel (``nn.LSTM``) and a per-step loop. The recipe's MFU is bounded by these rates."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(input_size, 256, batch_first=True)
+    shapes = [(int(b), int(t)) for b, t in zip(torch.randint(80, 141, (12,)),
+                                                 torch.randint(10, 23, (12,)), strict=True)]
+    inputs = [torch.randn(b, t, input_size) for b, t in shapes]
+    flops = sum(3 * 2 * b * t * (input_size + 256) * 4 * 256 for b, t in shapes)
+    with torch.no_grad():  # the two compute the same layer
+        torch.testing.assert_close(_loop_lstm(inputs[0], lstm), lstm(inputs[0])[0],
+                                   atol=1e-5, rtol=1e-4)
+
+    def run(layer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for x in inputs:
+            layer(x.requires_grad_()).sum().backward()
+
+    rates = {}
+    for name, layer in (("fused", lambda x: lstm(x)[0]), ("loop", lambda x: _loop_lstm(x, lstm))):
+        rates[f"{name}_gflops"] = flops / seconds(lambda layer=layer: run(layer), repeats) / 1e9
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
@@ -148,6 +189,13 @@ def main() -> None:
     print(f"Adam step over 4.6M parameters: per tensor {figures['per_tensor_ms']:.1f} ms, "
           f"fused {figures['fused_ms']:.1f} ms "
           f"({figures['per_tensor_ms'] / figures['fused_ms']:.1f}x)")
+    for input_size in (256, 512):  # the recipe's layers: fed an embedding, or [h; context]
+        figures = training_lstm(input_size, max(3, args.repeats // 4))
+        results[f"lstm_train_{input_size}x256"] = figures
+        peak = machine["matmul_peak_gflops"]
+        print(f"LSTM {input_size} -> 256, forward + backward, recipe-shaped batches: oneDNN "
+              f"{figures['fused_gflops']:.1f} GFLOP/s ({figures['fused_gflops'] / peak:.0%} of "
+              f"the peak), per-step loop {figures['loop_gflops']:.1f}")
     print(json.dumps(results))
 
 
