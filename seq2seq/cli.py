@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -338,4 +339,7 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory")],
 
 
 def main() -> None:
+    # The objects the imports made (torch's are most of them) live until exit: frozen, no
+    # collection scans them again, including the one at shutdown (about 0.3 s with torch).
+    gc.freeze()
     app()
