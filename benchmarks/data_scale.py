@@ -9,7 +9,8 @@ memory-mapped cache) and a second start in the same run directory (tokenizer and
 Each rank reports, through a small hook around the trainer: the seconds from launch to the end
 of its first optimizer step, the seconds spent encoding, its peak RSS at that point, its peak
 private (anonymous) memory, sampled every 20 ms, and the mapped file pages it holds at that point
-(page cache, which the ranks of a node share and the kernel can drop), and the data path's speed (``task.next_step()`` batches per second: the sampler, collate and the memory-mapped
+(page cache, which the ranks of a node share and the kernel can drop), and the data path's
+speed (``task.next_step()`` batches per second: the sampler, collate and the memory-mapped
 arrays, no model). ``--old REPO_DIR`` also runs the first start of another checkout (e.g. the
 code before issue 14) for comparison. The last line is one JSON object.
 

@@ -4,8 +4,9 @@ An entry is a directory ``CACHE/<kind>-<key>/``: for translation ``src.ids``, ``
 ``tgt.ids``, ``tgt.offsets`` and ``kept`` (see :class:`~seq2seq.data.Ragged`), for the character
 LM ``text.ids``; and ``manifest.json``, written last, saying what the entry was built from and
 what it holds (for translation also the ids the target side uses, so that a start need not read
-every target token to find the model's output vocabulary). The key hashes what it was built from: the tokenizer (kind and a hash of its
-bytes), the length limit, and :func:`~seq2seq.data.source_key` (files by path, size and mtime).
+every target token to find the model's output vocabulary). The key hashes what it was built from:
+the entry format, the tokenizer (kind and a hash of its bytes), the length limit, and
+:func:`~seq2seq.data.source_key` (files by path, size and mtime).
 So another tokenizer or changed files give another entry, which is built; an entry whose
 manifest disagrees with its key is rebuilt.
 
