@@ -169,6 +169,26 @@ task.encode(load_tokenizer(sys.argv[2]), Path(sys.argv[3]))
 """
 
 
+def test_a_start_takes_the_output_vocabulary_from_the_manifest(multi30k_sized, tokenizer,
+                                                               tmp_path):
+    """The entry's manifest lists the target ids, counted while encoding; a later start reads
+    them from it and not from the (possibly huge) target token array."""
+    recipe = recipe_for(multi30k_sized, "model.target_vocabulary=true")
+    first = make_task(recipe, ctx())
+    first.encode(tokenizer, tmp_path)
+    expected = first.output_vocabulary().tolist()
+    (entry,) = tmp_path.glob("pairs-*")
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert sorted({*manifest["target_ids"], 3}) == expected
+    ids = np.memmap(entry / "tgt.ids", dtype=manifest["dtype"], mode="r+")
+    ids[:] = 5  # a start that scanned the targets would now find {3, 5}
+    ids.flush()
+    del ids
+    restarted = make_task(recipe, ctx())
+    restarted.encode(tokenizer, tmp_path)
+    assert restarted.output_vocabulary().tolist() == expected
+
+
 def test_a_killed_encode_leaves_nothing_a_restart_would_trust(multi30k_sized, tokenizer,
                                                                tmp_path):
     from seq2seq.tokenizer import save_tokenizer
