@@ -33,6 +33,7 @@ from machine import describe_machine, machine_line  # noqa: E402
 
 from seq2seq.config import ModelConfig  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
+from seq2seq.model.recurrent import lstm_cell  # noqa: E402
 from seq2seq.search import _top_k_of_groups  # noqa: E402
 from seq2seq.tasks import token_losses  # noqa: E402
 from seq2seq.tokenizer import PAD  # noqa: E402
@@ -117,17 +118,13 @@ def adam_step(repeats: int) -> dict[str, float]:
 
 
 def _loop_lstm(x: torch.Tensor, lstm: torch.nn.LSTM) -> torch.Tensor:
-    """The same layer as ``lstm`` written as one input matmul for all steps and an ``addmm`` of
-    ``h W_hh`` per step, differentiated by autograd."""
-    batch, steps, _ = x.shape
-    hidden = lstm.hidden_size
+    """The same layer as ``lstm`` written as one input matmul for all steps, then per step an
+    ``addmm`` of ``h W_hh`` and the decoder's :func:`lstm_cell`, differentiated by autograd."""
     inputs = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
-    h = c = x.new_zeros(batch, hidden)
+    h = c = x.new_zeros(x.size(0), lstm.hidden_size)
     outputs = []
-    for t in range(steps):
-        i, f, g, o = torch.addmm(inputs[:, t], h, lstm.weight_hh_l0.t()).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+    for t in range(x.size(1)):
+        h, c = lstm_cell(torch.addmm(inputs[:, t], h, lstm.weight_hh_l0.t()), c)
         outputs.append(h)
     return torch.stack(outputs, dim=1)
 

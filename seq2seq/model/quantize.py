@@ -69,16 +69,8 @@ class StepLSTM(nn.Module):
 
     def forward(self, x: Tensor,
                 hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        batch, steps, _ = x.shape
-        if hx is None:
-            h = c = x.new_zeros(batch, self.hidden_size)
-        else:
-            h, c = hx[0][0], hx[1][0]
-        outputs = []
-        for t in range(steps):
-            h, c = lstm_cell(self.gates(torch.cat([x[:, t], h], dim=-1)), c)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+        return _unroll(x, hx, self.hidden_size,
+                       lambda t, h: self.gates(torch.cat([x[:, t], h], dim=-1)))
 
 
 class SplitGatesLSTM(nn.Module):
@@ -106,17 +98,24 @@ class SplitGatesLSTM(nn.Module):
 
     def forward(self, x: Tensor,
                 hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        batch, steps, _ = x.shape
-        if hx is None:
-            h = c = x.new_zeros(batch, self.hidden_size)
-        else:
-            h, c = hx[0][0], hx[1][0]
         inputs = F.linear(x, self.weight_ih, self.bias)  # every step's input half at once
-        outputs = []
-        for t in range(steps):
-            h, c = lstm_cell(inputs[:, t] + self.hidden_gates(h), c)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+        return _unroll(x, hx, self.hidden_size, lambda t, h: inputs[:, t] + self.hidden_gates(h))
+
+
+def _unroll(x: Tensor, hx: tuple[Tensor, Tensor] | None, hidden_size: int,
+            gates_at: Callable[[int, Tensor], Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Run an LSTM over x (B,T,I) from hx ((h, c) each (1,B,H), None = zeros), step t's
+    pre-activation gates being ``gates_at(t, h)``: the outputs (B,T,H) and the final (h, c)."""
+    batch, steps, _ = x.shape
+    if hx is None:
+        h = c = x.new_zeros(batch, hidden_size)
+    else:
+        h, c = hx[0][0], hx[1][0]
+    outputs = []
+    for t in range(steps):
+        h, c = lstm_cell(gates_at(t, h), c)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 
 
 def _check_replaceable(lstm: nn.LSTM) -> None:
