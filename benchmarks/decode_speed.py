@@ -54,6 +54,7 @@ from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 from seq2seq.config import DecodeConfig, ModelConfig, Recipe, TokenizerConfig  # noqa: E402
 from seq2seq.data import inference_batches, read_lines  # noqa: E402
 from seq2seq.evaluate import score_corpus  # noqa: E402
+from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.inference import (  # noqa: E402
     LoadedModel,
     encode_source,
@@ -193,6 +194,7 @@ def main() -> None:
     except PeerFileError as error:
         raise SystemExit(str(error)) from None
     bound_primitive_cache()  # as load_model does, also for random weights
+    retain_freed_memory()  # as the command line does
     torch.set_num_threads(args.threads)
     machine = describe_machine(device=args.device)
     print(machine_line(machine))

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from machine import describe_machine, machine_line  # noqa: E402
 
 from seq2seq.config import ModelConfig  # noqa: E402
+from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.model import Seq2Seq, build_model  # noqa: E402
 from seq2seq.tasks import token_losses  # noqa: E402
 from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
@@ -178,6 +179,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    retain_freed_memory()  # as the command line does
     torch.set_num_threads(args.threads)
     projections = {"on": [True], "off": [False], "both": [True, False]}[args.output_projection]
     batches = make_batches(args.warmup + args.steps, args.target_tokens, args.vocab, args.seed)

@@ -20,6 +20,7 @@ import typer
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.config import ConfigError, load_recipe
 from seq2seq.data import DataError
+from seq2seq.heap import retain_freed_memory
 from seq2seq.tokenizer import TokenizerError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -342,4 +343,5 @@ def main() -> None:
     # The objects the imports made (torch's are most of them) live until exit: frozen, no
     # collection scans them again, including the one at shutdown (about 0.3 s with torch).
     gc.freeze()
+    retain_freed_memory()  # freed tensors are reused, not unmapped and faulted in again
     app()

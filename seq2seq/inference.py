@@ -11,9 +11,6 @@ character LM with a prompt and samples (or beam-searches) a continuation.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import os
 import select
@@ -32,6 +29,7 @@ from seq2seq.data import chunked, decode_utf8, inference_batches
 from seq2seq.distributed import DistributedError, resolve_device
 from seq2seq.ensemble import Ensemble
 from seq2seq.files import atomic_write
+from seq2seq.heap import release_free_memory
 from seq2seq.model import QuantizationUnavailable, build_model, quantize_int8
 from seq2seq.model.recurrent import DECODING_PRIMITIVE_CACHE, bound_primitive_cache
 from seq2seq.search import Hypothesis, decode
@@ -155,28 +153,6 @@ def translation_max_lengths(src_lengths: torch.Tensor, config: DecodeConfig) -> 
     """ceil(ratio * source tokens) + offset per input; src_lengths count the EOS."""
     tokens = (src_lengths - 1).double()
     return (torch.ceil(config.max_length_ratio * tokens) + config.max_length_offset).long()
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on another C library."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc only; elsewhere a no-op).
-
-    Decoding frees (rows x vocabulary) tensors of ever-changing sizes, and glibc keeps the holes
-    they leave. Streaming calls this after every chunk of lines (not every batch: re-faulting the
-    pages would cost speed), so resident memory stays flat on endless input.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 @torch.inference_mode()

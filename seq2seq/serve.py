@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from seq2seq.config import DecodeConfig
+from seq2seq.heap import release_free_memory
 from seq2seq.inference import (
     InferenceError,
     LoadedModel,
@@ -40,7 +41,6 @@ from seq2seq.inference import (
     generate,
     generation_config,
     load_models,
-    release_free_memory,
     translate_ids,
 )
 from seq2seq.search import Hypothesis

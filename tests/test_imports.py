@@ -8,10 +8,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
 # Each module's layer; a module may import only modules of a lower layer, plus the few
 # same-layer edges listed below (one direction only).
 LAYERS = {
-    "config": 0, "files": 0, "tokenizer": 1, "data": 2, "corpus": 2, "model": 2, "search": 3,
-    "ensemble": 4, "checkpoint": 4, "distributed": 4, "events": 4, "plot": 4, "inference": 5,
-    "evaluate": 5, "tasks": 6, "train": 7, "progress": 8, "cli": 9, "serve": 9, "__main__": 10,
-    "__init__": 0,
+    "config": 0, "files": 0, "heap": 0, "tokenizer": 1, "data": 2, "corpus": 2, "model": 2,
+    "search": 3, "ensemble": 4, "checkpoint": 4, "distributed": 4, "events": 4, "plot": 4,
+    "inference": 5, "evaluate": 5, "tasks": 6, "train": 7, "progress": 8, "cli": 9, "serve": 9,
+    "__main__": 10, "__init__": 0,
 }
 SAME_LAYER = {("evaluate", "inference"), ("corpus", "data"), ("cli", "serve")}
 
