@@ -3,11 +3,12 @@
 The code takes a few measured shortcuts (DESIGN section 6): ``tanh`` evaluated as
 ``2 sigmoid(2x) - 1`` (``lstm_cell``, the additive attention), beam search's two-stage
 top-k over (beam x vocabulary) scores, the training loss from one log-softmax with a one-pass
-gradient (``tasks.token_losses``) instead of two ``F.cross_entropy`` calls, and Adam's fused
-kernel. Whether a shortcut pays depends on the CPU and torch's kernels for it, so this script
-measures each next to the plain form; it also measures the rate of the training LSTM kernels,
-which bounds the recipe's MFU (README, training step). The last line is one JSON object with
-every figure and the machine.
+gradient (``tasks.token_losses``) instead of two ``F.cross_entropy`` calls, Adam's fused
+kernel, and dropout masks drawn as 64 random bits per four elements (``model.dropout``) instead
+of by ``bernoulli_``. Whether a shortcut pays depends on the CPU and torch's kernels for it, so
+this script measures each next to the plain form; it also measures the rate of the training
+LSTM kernels, which bounds the recipe's MFU (README, training step). The last line is one JSON
+object with every figure and the machine.
 
     python benchmarks/kernels.py --threads 2
 """
@@ -32,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, machine_line  # noqa: E402
 
 from seq2seq.config import ModelConfig  # noqa: E402
+from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
+from seq2seq.model.dropout import Dropout  # noqa: E402
 from seq2seq.model.recurrent import lstm_cell  # noqa: E402
 from seq2seq.search import _top_k_of_groups  # noqa: E402
 from seq2seq.tasks import token_losses  # noqa: E402
@@ -117,6 +120,17 @@ def adam_step(repeats: int) -> dict[str, float]:
     return figures
 
 
+def dropout(shape: tuple[int, ...], p: float, repeats: int) -> dict[str, float]:
+    """ms of dropout forward + backward on a ``shape`` activation: ``nn.Dropout`` and
+    :class:`seq2seq.model.dropout.Dropout`."""
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    figures = {}
+    for name, module in (("bernoulli_ms", torch.nn.Dropout(p)), ("random_bits_ms", Dropout(p))):
+        figures[name] = seconds(lambda module=module: module(x).backward(grad), repeats) * 1e3
+    return figures
+
+
 def _loop_lstm(x: torch.Tensor, lstm: torch.nn.LSTM) -> torch.Tensor:
     """The same layer as ``lstm`` written as one input matmul for all steps, then per step an
     ``addmm`` of ``h W_hh`` and the decoder's :func:`lstm_cell`, differentiated by autograd."""
@@ -160,6 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the command line does
     torch.manual_seed(0)
     machine = describe_machine()
     print(machine_line(machine))
@@ -181,6 +196,13 @@ def main() -> None:
     print(f"label-smoothed loss + NLL, forward and backward, 1,600 x 3,968: two cross_entropy "
           f"{figures['two_cross_entropy_ms']:.1f} ms, one pass {figures['one_pass_ms']:.1f} ms "
           f"({figures['two_cross_entropy_ms'] / figures['one_pass_ms']:.1f}x)")
+    for shape in ((120, 20, 256), (120, 20, 512)):  # recipe-sized embeddings, [h; context]
+        figures = dropout(shape, 0.2, args.repeats)
+        results["dropout_" + "x".join(map(str, shape))] = figures
+        print(f"dropout 0.2 on {shape}, forward and backward: bernoulli_ "
+              f"{figures['bernoulli_ms']:.2f} ms, 64 random bits per 4 elements "
+              f"{figures['random_bits_ms']:.2f} ms "
+              f"({figures['bernoulli_ms'] / figures['random_bits_ms']:.1f}x)")
     figures = adam_step(args.repeats)
     results["adam_4.6M"] = figures
     print(f"Adam step over 4.6M parameters: per tensor {figures['per_tensor_ms']:.1f} ms, "

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seq2seq.model.dropout import Dropout
 from seq2seq.tokenizer import SPECIALS
 
 State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (B, L, H)
@@ -127,7 +128,7 @@ class RecurrentStack(nn.Module):
         if residual_from < 1:
             raise ValueError("residual_from must be >= 1 (the first layer changes the width)")
         self.cell, self.hidden_size, self.residual_from = cell, hidden_size, residual_from
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layers = nn.ModuleList(
             make_rnn(cell, (input_size if i == 0 else hidden_size) + extra_size, hidden_size,
                      init_scale)
@@ -210,7 +211,7 @@ class OutputLayer(nn.Module):
         super().__init__()
         padded, embed_dim = embedding.weight.shape
         self.vocab_size = vocab_size
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.project = nn.Linear(features, embed_dim) if project else None
         if self.project is not None:
             nn.init.uniform_(self.project.weight, -init_scale, init_scale)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.model.attention import BahdanauAttention
+from seq2seq.model.dropout import Dropout
 from seq2seq.model.quantize import SplitGatesLSTM
 from seq2seq.model.recurrent import (
     BidirectionalLayer,
@@ -98,7 +99,7 @@ class Seq2Seq(nn.Module):
         # One vocabulary for both sides when tied (the same module under two names).
         self.tgt_embed = (self.src_embed if c.tie_embeddings
                           else make_embedding(vocab_size, c.embed_dim, c.init_scale))
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.encoder_bottom = BidirectionalLayer(c.cell, c.embed_dim, hidden, c.init_scale)
         self.encoder_upper = RecurrentStack(c.cell, hidden, hidden, c.encoder_layers - 1,
                                             c.dropout, c.init_scale, residual_from=1)
