@@ -17,6 +17,8 @@ that best peak) is printed before the JSON and recorded in it.
     python benchmarks/train_speed.py --output-projection off --profile
     python benchmarks/train_speed.py --output-projection on --hidden-size 256 \
         --target-vocabulary 3963 --target-tokens 1500 --profile
+    python benchmarks/train_speed.py --output-projection on --hidden-size 256 \
+        --target-vocabulary 3963 --target-tokens 1500 --steps 10 --dropout-pairs 60
 
 The last line printed is one JSON object with every configuration's figures.
 """
@@ -39,10 +41,12 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 from machine import describe_machine, machine_line  # noqa: E402
+from torch import nn  # noqa: E402
 
 from seq2seq.config import ModelConfig  # noqa: E402
 from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.model import Seq2Seq, build_model  # noqa: E402
+from seq2seq.model.dropout import Dropout  # noqa: E402
 from seq2seq.tasks import token_losses  # noqa: E402
 from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
 from seq2seq.train import matmul_peak_flops  # noqa: E402
@@ -112,8 +116,8 @@ def profile_step(model: Seq2Seq, optimizer: torch.optim.Optimizer, batch: dict) 
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
-def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) -> dict:
-    """Warm up, then time ``args.steps`` training steps of one configuration."""
+def build(args: argparse.Namespace, projection: bool) -> tuple[Seq2Seq, torch.optim.Optimizer]:
+    """The configuration's model, in training mode, and its fused Adam."""
     config = ModelConfig(cell=args.cell, embed_dim=256, hidden_size=args.hidden_size,
                          encoder_layers=2, decoder_layers=2, dropout=0.2, tie_embeddings=True,
                          output_projection=projection,
@@ -122,7 +126,12 @@ def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) 
     model = build_model(config, args.vocab, "translation").train()
     if args.target_vocabulary:  # the classifier scores this many ids (the batches' targets map
         model.output.restrict(torch.arange(args.target_vocabulary))  # outside them to UNK)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), fused=True)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), fused=True)
+
+
+def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) -> dict:
+    """Warm up, then time ``args.steps`` training steps of one configuration."""
+    model, optimizer = build(args, projection)
     for batch in batches[: args.warmup]:
         train_step(model, optimizer, batch)
     timed = batches[args.warmup : args.warmup + args.steps]
@@ -160,6 +169,38 @@ def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) 
     }
 
 
+def swap_dropout(model: nn.Module, kind: str) -> None:
+    """Put ``nn.Dropout`` ("torch") or ``seq2seq.model.dropout.Dropout`` ("ours") everywhere."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (nn.Dropout, Dropout)):
+                setattr(module, name, nn.Dropout(child.p) if kind == "torch" else Dropout(child.p))
+
+
+def dropout_pairs(args: argparse.Namespace, projection: bool, batches: list[dict]) -> dict:
+    """Whole training steps with torch's dropout and with ours, alternating within each of
+    ``args.dropout_pairs`` pairs on the same batch (the order flips every pair), so that a shared
+    CPU's drift falls on both alike: the mean step of each and the median of the paired ratios."""
+    model, optimizer = build(args, projection)
+    for batch in batches[: args.warmup]:
+        train_step(model, optimizer, batch)
+    timed = batches[args.warmup:]
+    totals, ratios = {"torch": 0.0, "ours": 0.0}, []
+    for pair in range(args.dropout_pairs):
+        batch, seconds = timed[pair % len(timed)], {}
+        for kind in ("torch", "ours") if pair % 2 else ("ours", "torch"):
+            swap_dropout(model, kind)
+            start = time.perf_counter()
+            train_step(model, optimizer, batch)
+            seconds[kind] = time.perf_counter() - start
+            totals[kind] += seconds[kind]
+        ratios.append(seconds["ours"] / seconds["torch"])
+    return {"pairs": args.dropout_pairs,
+            "torch_dropout_step_ms": round(1000 * totals["torch"] / args.dropout_pairs, 1),
+            "our_dropout_step_ms": round(1000 * totals["ours"] / args.dropout_pairs, 1),
+            "median_paired_ratio": round(statistics.median(ratios), 3)}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-projection", choices=["on", "off", "both"], default="both")
@@ -174,6 +215,8 @@ def parse_args() -> argparse.Namespace:
                         help="score only this many ids (the recipes' target vocabulary; 0 = all)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="profile one extra step")
+    parser.add_argument("--dropout-pairs", type=int, default=0,
+                        help="also time N pairs of steps, torch's dropout against ours")
     return parser.parse_args()
 
 
@@ -191,6 +234,9 @@ def main() -> None:
     print(machine_line(machine))
     summary = {"threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "machine": machine, "configs": results}
+    if args.dropout_pairs:
+        summary["dropout_pairs"] = dropout_pairs(args, projections[0], batches)
+        print(" ".join(f"{key}={value}" for key, value in summary["dropout_pairs"].items()))
     print(json.dumps(summary))
 
 
