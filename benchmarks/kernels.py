@@ -36,7 +36,7 @@ from seq2seq.config import ModelConfig  # noqa: E402
 from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
 from seq2seq.model.dropout import Dropout  # noqa: E402
-from seq2seq.model.recurrent import lstm_cell  # noqa: E402
+from seq2seq.model.quantize import _unroll  # noqa: E402
 from seq2seq.search import _top_k_of_groups  # noqa: E402
 from seq2seq.tasks import token_losses  # noqa: E402
 from seq2seq.tokenizer import PAD  # noqa: E402
@@ -133,14 +133,11 @@ def dropout(shape: tuple[int, ...], p: float, repeats: int) -> dict[str, float]:
 
 def _loop_lstm(x: torch.Tensor, lstm: torch.nn.LSTM) -> torch.Tensor:
     """The same layer as ``lstm`` written as one input matmul for all steps, then per step an
-    ``addmm`` of ``h W_hh`` and the decoder's :func:`lstm_cell`, differentiated by autograd."""
+    ``addmm`` of ``h W_hh`` and the decoder's cell, unrolled as the int8 decoder layers are
+    (``quantize._unroll``) and differentiated by autograd."""
     inputs = F.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
-    h = c = x.new_zeros(x.size(0), lstm.hidden_size)
-    outputs = []
-    for t in range(x.size(1)):
-        h, c = lstm_cell(torch.addmm(inputs[:, t], h, lstm.weight_hh_l0.t()), c)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1)
+    return _unroll(x, None, lstm.hidden_size,
+                   lambda t, h: torch.addmm(inputs[:, t], h, lstm.weight_hh_l0.t()))[0]
 
 
 def training_lstm(input_size: int, repeats: int) -> dict[str, float]:
