@@ -2,7 +2,8 @@
 
 The code takes a few measured shortcuts (DESIGN section 6): ``tanh`` evaluated as
 ``2 sigmoid(2x) - 1`` (``lstm_cell``, the additive attention), beam search's two-stage
-top-k over (beam x vocabulary) scores, the training loss from one log-softmax with a one-pass
+top-k over (beam x vocabulary) scores, the decoding classifier's rows padded to a multiple of 8,
+the training loss from one log-softmax with a one-pass
 gradient (``tasks.token_losses``) instead of two ``F.cross_entropy`` calls, Adam's fused
 kernel, and dropout masks drawn as 64 random bits per four elements (``model.dropout``) instead
 of by ``bernoulli_``. Whether a shortcut pays depends on the CPU and torch's kernels for it, so
@@ -83,6 +84,18 @@ def top_k(rows: int, beam: int, vocab: int, repeats: int) -> dict[str, float]:
                                 repeats) * 1e3,
             "two_stage_ms": seconds(lambda: _top_k_of_groups(scores, beam, 2 * beam),
                                     repeats) * 1e3}
+
+
+def classifier(rows: int, columns: int, width: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of a decoding step's classifier, (rows, width) x (width, columns) plus bias,
+    over ``columns`` rows of weights and over them padded to a multiple of 8, as
+    ``OutputLayer.log_probs`` runs it."""
+    padded = (columns + 7) // 8 * 8
+    x, weight, bias = torch.randn(rows, width), torch.randn(padded, width), torch.randn(padded)
+    flops = 2 * rows * width * columns
+    return {"exact_gflops": flops / seconds(
+                lambda: F.linear(x, weight[:columns], bias[:columns]), repeats) / 1e9,
+            "padded_gflops": flops / seconds(lambda: F.linear(x, weight, bias), repeats) / 1e9}
 
 
 def training_loss(rows: int, vocab: int, smoothing: float, repeats: int) -> dict[str, float]:
@@ -188,6 +201,12 @@ def main() -> None:
         print(f"top-10 of {rows} inputs x 5 beams x {vocab:,}: plain {figures['plain_ms']:.2f} ms, "
               f"two-stage {figures['two_stage_ms']:.2f} ms "
               f"({figures['plain_ms'] / figures['two_stage_ms']:.1f}x)")
+    for rows in (300, 1000):  # beam 5 over 60 and 200 sentences; Multi30k's target vocabulary
+        figures = classifier(rows, 3963, 256, args.repeats)
+        results[f"classifier_{rows}x256x3963"] = figures
+        print(f"classifier {rows} x 256 x 3,963: {figures['exact_gflops']:.1f} GFLOP/s; over "
+              f"rows padded to 3,968: {figures['padded_gflops']:.1f} "
+              f"({figures['padded_gflops'] / figures['exact_gflops']:.2f}x)")
     figures = training_loss(1600, 3968, 0.1, args.repeats)  # a 3,000-token Multi30k batch
     results["loss_1600x3968"] = figures
     print(f"label-smoothed loss + NLL, forward and backward, 1,600 x 3,968: two cross_entropy "

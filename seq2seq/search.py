@@ -5,7 +5,8 @@ Search sees only the protocols below: :class:`StepFn` ``step(prev (N,) long, sta
 it reads ``state.attention`` (:class:`AttendingState`) and ``state.coverage``
 (:class:`CoveringState`) when a state exposes them, and knows nothing else of its layout. The
 log-probs a step returns belong to the search, which may write into them: beam search adds each
-row's score in place, so a step never holds two (N, V) tensors. State rows are
+row's score in place, so a step never holds two (N, V) tensors. Their rows may be further
+apart than V (a view of a row-padded tensor); search never copies them. State rows are
 decoding rows: one per input for greedy and sampling, ``inputs * beam`` (input-major) for beam
 search. Inputs that finish are dropped through ``state.select``.
 
@@ -374,7 +375,8 @@ def _top_k_of_groups(total: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
     the n blocks with the largest maxima are kept, and a top-n over their 8n values and the
     last V - 8W (< 8) columns of the group's rows finishes. Exact: each of the n largest values
     is in those columns or in a block whose maximum is at least it, and fewer than n blocks can
-    have a larger maximum.
+    have a larger maximum. ``total``'s rows may be apart by more than V (a model's log-probs
+    are a view of a row-padded tensor): nothing here copies it.
     """
     rows, v = total.shape
     blocks_per_row = 8
@@ -390,7 +392,8 @@ def _top_k_of_groups(total: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
         rest = (torch.arange(k, device=device)[:, None] * v
                 + torch.arange(blocked, v, device=device)).view(1, -1)
         flat = torch.cat([flat, rest.expand(groups, -1)], dim=1)
-    values, pick = total.reshape(groups, k * v).gather(1, flat).topk(n, dim=1)
+    group_of = torch.arange(groups, device=device)[:, None]
+    values, pick = total.view(groups, k, v)[group_of, flat // v, flat % v].topk(n, dim=1)
     return values, flat.gather(1, pick)
 
 

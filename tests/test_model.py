@@ -13,6 +13,7 @@ from seq2seq.model import CharLM, LMState, Seq2Seq, TranslationState, build_mode
 from seq2seq.model import attention as attention_module
 from seq2seq.model import seq2seq as seq2seq_module
 from seq2seq.model.attention import BahdanauAttention
+from seq2seq.model.recurrent import OutputLayer, padded_vocab
 from seq2seq.tokenizer import BOS, EOS, PAD
 
 VOCAB = 13  # not a multiple of 8: the padded vocabulary must never reach callers
@@ -158,6 +159,29 @@ def test_target_vocabulary_scores_only_its_ids_and_steps_match_teacher_forcing()
     assert torch.equal(model.output_ids(), ids) and translation().output_ids() is None
 
 
+@pytest.mark.parametrize("kept,vocab", [(3963, 8000), (4000, 8000), (13, 13), (64, 67)])
+def test_decoding_log_probs_equal_log_softmax_of_the_logits_bit_for_bit(kept, vocab):
+    """``OutputLayer.log_probs`` scores rows padded to a multiple of 8 with -inf bias and
+    returns a view of the first columns: exactly ``log_softmax(forward(x))``, whose classifier
+    has no padding rows; the same for a whole (padded) vocabulary, as in the character LM."""
+    torch.manual_seed(kept)
+    embedding = torch.nn.Embedding(padded_vocab(vocab), 64)
+    layer = OutputLayer(96, embedding, vocab, project=True, tie=True, dropout=0.1,
+                        init_scale=0.1, target_vocabulary=kept < vocab).eval()
+    if kept < vocab:
+        layer.restrict(torch.randperm(vocab - 4)[: kept - 4] + 4)
+    torch.nn.init.normal_(layer.bias)
+    features = torch.randn(37, 96)
+    with torch.no_grad():
+        expected = torch.log_softmax(layer(features), dim=-1)
+        got = layer.log_probs(features)
+        weight, bias, columns = layer._decoding_classifier()
+    assert got.shape == (37, kept) and columns == kept
+    assert torch.equal(got, expected)
+    assert weight.shape[0] % 8 == 0 and torch.isneginf(bias[kept:]).all()
+    assert got.stride(0) == weight.shape[0]  # a view of the padded rows, not a copy
+
+
 def test_target_vocabulary_travels_with_the_weights():
     model = translation(target_vocabulary=True)
     model.output.restrict(torch.tensor([6, 9]))
@@ -183,7 +207,9 @@ def test_decoding_reuses_the_compact_classifier_until_the_weights_change():
 
     with torch.no_grad():
         first = model.output(features)
-        assert model.output._classifier()[0] is model.output._classifier()[0]  # reused
+        kept = model.output._decoding_classifier()
+        assert kept[0] is model.output._decoding_classifier()[0]  # reused
+        assert model.output._classifier()[0].data_ptr() == kept[0].data_ptr()
     assert torch.equal(first, fresh())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.output(features).sum().backward()

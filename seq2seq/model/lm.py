@@ -18,7 +18,6 @@ from seq2seq.model.recurrent import (
     make_embedding,
     rnn_flops,
     select_rows,
-    step_log_probs,
 )
 
 
@@ -66,8 +65,8 @@ class CharLM(nn.Module):
 
     def step(self, prev: Tensor, state: LMState) -> tuple[Tensor, LMState]:
         """prev (N,) long -> log_probs (N,V) float32 and the next state."""
-        logits, state = self.forward(prev.unsqueeze(1), state)
-        return step_log_probs(logits), state
+        x, rnn = self.rnn(self.embed(prev.unsqueeze(1)), state.rnn)
+        return self.output.log_probs(x[:, 0]), LMState(rnn)
 
     def output_ids(self) -> None:
         """``step`` scores every id (column j is id j)."""

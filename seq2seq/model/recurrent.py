@@ -80,7 +80,8 @@ def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """The vocabulary rounded up to a multiple of 8 (aligned matmuls on tensor cores)."""
+    """The vocabulary rounded up to a multiple of 8: aligned matmuls on tensor cores, and on
+    CPUs, whose kernels run an odd number of columns far slower (``benchmarks/kernels.py``)."""
     return (vocab_size + 7) // 8 * 8
 
 
@@ -250,9 +251,10 @@ class OutputLayer(nn.Module):
         return torch.where(self.target_mask[ids], column[ids], torch.ones_like(ids))
 
     def classifier_linear(self) -> nn.Linear:
-        """A detached copy of the classifier over the columns it scores, as an ``nn.Linear``
-        (for int8 quantisation, which takes linear modules: see ``model/quantize.py``)."""
-        weight, bias = self._classifier()
+        """A detached copy of decoding's classifier (:meth:`_decoding_classifier`, rows padded
+        with -inf bias) as an ``nn.Linear``, for int8 quantisation, which takes linear modules
+        (see ``model/quantize.py``)."""
+        weight, bias, _ = self._decoding_classifier()
         linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
         linear.weight = nn.Parameter(weight.detach().clone())
         linear.bias = nn.Parameter(bias.detach().clone())
@@ -260,34 +262,76 @@ class OutputLayer(nn.Module):
 
     def _classifier(self) -> tuple[Tensor, Tensor]:
         """The classifier's (rows, width) weight and bias: the target vocabulary's rows, or
-        every padded row.
-
-        Without autograd (decoding) the gathered rows are kept and reused while the parameters
-        stay the same tensors, unmodified (their version counters), so a decoding step does
-        not copy the classifier (a third of the step's matmul work at beam 5)."""
+        every padded row. With autograd, gathered at each call; without, the leading rows of
+        :meth:`_decoding_classifier`'s kept copy."""
         if self.target_mask is None:
             return self.weight, self.bias
-
-        def gather() -> tuple[Tensor, Tensor]:
+        if torch.is_grad_enabled():
             ids = self.target_ids()
             return self.weight.index_select(0, ids), self.bias.index_select(0, ids)
+        weight, bias, columns = self._decoding_classifier()
+        return weight[:columns], bias[:columns]
 
-        if torch.is_grad_enabled():
-            return gather()
-        return self._compact.get((self.weight, self.bias, self.target_mask), gather)
+    def _decoding_classifier(self) -> tuple[Tensor, Tensor, int]:
+        """Decoding's classifier, weight (R, F) and bias (R,), and the number of scored columns
+        C: rows ``:C`` score the target vocabulary's ids (or every real id) and rows ``C:R``,
+        up to a multiple of 8, have bias -inf.
+
+        The row count matters: a (N, 256) x (256, 3963) product runs at two thirds of the speed
+        of one with 3968 columns on AVX2 (``benchmarks/kernels.py``, "classifier"), and the
+        classifier is the largest matmul of a beam-search step. Kept while the parameters stay
+        the same tensors, unmodified (:class:`DerivedTensors`), so a step copies nothing."""
+
+        def compute() -> tuple[Tensor, Tensor, int]:
+            ids = self.target_ids()
+            if ids is None:  # the embedding's rows, already a multiple of 8
+                weight, bias, columns = self.weight, self.bias.clone(), self.vocab_size
+            else:
+                columns, width = ids.numel(), self.weight.shape[1]
+                weight = self.weight.new_zeros(padded_vocab(columns), width)
+                bias = self.bias.new_empty(weight.shape[0])
+                torch.index_select(self.weight, 0, ids, out=weight[:columns])
+                torch.index_select(self.bias, 0, ids, out=bias[:columns])
+            bias[columns:] = float("-inf")
+            return weight, bias, columns
+
+        sources = (self.weight, self.bias)
+        if self.target_mask is not None:
+            sources += (self.target_mask,)
+        with torch.no_grad():
+            return self._compact.get(sources, compute)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., F) -> logits (..., V), or (..., V') with a target vocabulary."""
         x = self.dropout(x)
         if self.project is not None:
             x = self.project(x)
-        if self.int8_classifier is not None:
-            logits = self.int8_classifier(x)
-        else:
-            logits = F.linear(x, *self._classifier())
+        if self.int8_classifier is not None:  # decoding's padded rows
+            return self.int8_classifier(x)[..., : self._decoding_classifier()[2]]
+        logits = F.linear(x, *self._classifier())
         if self.target_mask is not None or logits.size(-1) == self.vocab_size:
             return logits
         return logits[..., : self.vocab_size]
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        """A decoding step: features (N, F) -> log-probabilities (N, C) float32 over the columns
+        :meth:`forward` gives, equal bit for bit to ``log_softmax(forward(x))``.
+
+        The classifier runs over :meth:`_decoding_classifier`'s padded rows and ``log_softmax``
+        runs in place over the whole padded row: the extra columns are -inf, so they add
+        ``exp(-inf) = 0`` to each row's sum, in the vector lanes after the last real column,
+        which leaves the sum unchanged. The result is the first C columns, a view whose rows
+        are R apart: one (N, R) tensor per step and no copy."""
+        x = self.dropout(x)
+        if self.project is not None:
+            x = self.project(x)
+        weight, bias, columns = self._decoding_classifier()
+        if self.int8_classifier is not None:
+            logits = self.int8_classifier(x)
+        else:
+            logits = F.linear(x, weight, bias)
+        logits = logits.float()
+        return torch.log_softmax(logits, dim=-1, out=logits)[:, :columns]
 
     def flops(self) -> int:
         """Forward matmul FLOPs per token (projection + classifier over the rows it scores)."""
@@ -296,16 +340,6 @@ class OutputLayer(nn.Module):
         if self.project is not None:
             flops += 2 * self.project.weight.numel()
         return flops
-
-
-def step_log_probs(logits: Tensor) -> Tensor:
-    """One step's logits (N, 1, V) -> log-probabilities (N, V) float32 and contiguous, written
-    over the logits when they are both already: decoding then allocates one (N, V) tensor per
-    step, not two."""
-    logits = logits[:, 0].float()
-    if not logits.is_contiguous():  # a vocabulary padded for the matmul, sliced back
-        return torch.log_softmax(logits, dim=-1)
-    return torch.log_softmax(logits, dim=-1, out=logits)
 
 
 def make_embedding(vocab_size: int, embed_dim: int, init_scale: float) -> nn.Embedding:

@@ -35,7 +35,6 @@ from seq2seq.model.recurrent import (
     make_embedding,
     rnn_flops,
     select_rows,
-    step_log_probs,
 )
 
 INPUT_TABLE_BYTES = 64 << 20  # the bottom layer's input-gate table is used up to this size
@@ -144,8 +143,9 @@ class Seq2Seq(nn.Module):
                bottom: State | None = None, upper: State | None = None,
                group: int = 1) -> tuple[Tensor, Tensor, State, State]:
         """tgt_in (B,T) long over memory (B/group,S,H), keys (B/group,S,A), mask (B/group,S),
-        from states (None = zeros) -> logits (B,T,V), attention weights (B,T,S), new bottom and
-        upper states. ``group`` consecutive rows share one source sentence (beams, T = 1)."""
+        from states (None = zeros) -> the output layer's input ``[top; context]`` (B,T,2H),
+        attention weights (B,T,S), new bottom and upper states. ``group`` consecutive rows
+        share one source sentence (beams, T = 1)."""
         x, bottom = self._bottom_layer(tgt_in, bottom)  # (B, T, H)
         if group > 1:  # each sentence's beams are its queries: (G, group, H)
             rows, _, hidden = x.shape
@@ -155,8 +155,7 @@ class Seq2Seq(nn.Module):
         else:
             context, weights = self.attention(x, keys, memory, mask)  # (B,T,H), (B,T,S)
         x, upper = self.decoder_upper(x, upper, extra=context)
-        logits = self.output(torch.cat([x, context], dim=-1))
-        return logits, weights, bottom, upper
+        return torch.cat([x, context], dim=-1), weights, bottom, upper
 
     def _bottom_layer(self, tgt_in: Tensor, bottom: State | None) -> tuple[Tensor, State]:
         """The bottom decoder layer over the target embeddings: (B, T, H) and its state. A
@@ -222,9 +221,9 @@ class Seq2Seq(nn.Module):
         (B,T,V') over the target vocabulary (``self.output.positions`` maps ids to columns)."""
         memory, mask = self.encode(src, src_lengths)
         bottom, upper = (None, None) if self.bridge is None else self.initial_state(memory, mask)
-        logits, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask, bottom,
-                                      upper)
-        return logits
+        features, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask,
+                                        bottom, upper)
+        return self.output(features)
 
     def start(self, src: Tensor, src_lengths: Tensor) -> TranslationState:
         """Encode once and project the attention keys once: src (N,S), src_lengths (N,)."""
@@ -240,16 +239,17 @@ class Seq2Seq(nn.Module):
 
     def step(self, prev: Tensor, state: TranslationState) -> tuple[Tensor, TranslationState]:
         """prev (N,) long ids -> log_probs (N,V) float32 over the columns of
-        :meth:`output_ids` (V' of them with a target vocabulary) and the next state."""
+        :meth:`output_ids` (V' of them with a target vocabulary; a view of a row-padded
+        tensor, see :meth:`OutputLayer.log_probs`) and the next state."""
         memory, keys, mask = state.memory, state.keys, state.mask
         if not state.group:  # rows in no regular layout: gather the encoder side per row
             memory, keys, mask = (x.index_select(0, state.source) for x in (memory, keys, mask))
-        logits, weights, bottom, upper = self.decode(
+        features, weights, bottom, upper = self.decode(
             prev.unsqueeze(1), memory, keys, mask, state.bottom, state.upper, state.group or 1)
         attention = weights[:, 0].float()  # (N, S)
         new = dataclasses.replace(state, bottom=bottom, upper=upper,
                                   coverage=state.coverage + attention, attention=attention)
-        return step_log_probs(logits), new
+        return self.output.log_probs(features[:, 0]), new
 
     def output_ids(self) -> Tensor | None:
         """The token id of each column of ``step``'s log-probs (None: column j is id j)."""
