@@ -4,7 +4,7 @@ The code takes a few measured shortcuts (DESIGN section 6): ``tanh`` evaluated a
 ``2 sigmoid(2x) - 1`` (``lstm_cell``, the additive attention), beam search's two-stage
 top-k over (beam x vocabulary) scores, the decoding classifier's rows padded to a multiple of 8,
 the training loss from one log-softmax with a one-pass
-gradient (``tasks.token_losses``) instead of two ``F.cross_entropy`` calls, Adam's fused
+gradient (``model.loss.token_losses``) instead of two ``F.cross_entropy`` calls, Adam's fused
 kernel, and dropout masks drawn as 64 random bits per four elements (``model.dropout``) instead
 of by ``bernoulli_``. Whether a shortcut pays depends on the CPU and torch's kernels for it, so
 this script measures each next to the plain form; it also measures the rate of the training
@@ -37,9 +37,9 @@ from seq2seq.config import ModelConfig  # noqa: E402
 from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.model import build_model  # noqa: E402
 from seq2seq.model.dropout import Dropout  # noqa: E402
+from seq2seq.model.loss import token_losses  # noqa: E402
 from seq2seq.model.quantize import _unroll  # noqa: E402
 from seq2seq.search import _top_k_of_groups  # noqa: E402
-from seq2seq.tasks import token_losses  # noqa: E402
 from seq2seq.tokenizer import PAD  # noqa: E402
 
 

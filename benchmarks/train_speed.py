@@ -1,7 +1,7 @@
 """Training-step throughput of the translation model on Multi30k-shaped random batches.
 
 One step = what the trainer does: forward, label-smoothed cross-entropy (PAD ignored;
-``tasks.token_losses``), backward, gradient clipping, fused Adam. The model is the reference one
+``OutputLayer.losses``), backward, gradient clipping, fused Adam. The model is the reference one
 (embed 256, hidden 512, 2+2 layers, 8k joint vocabulary); ``--hidden-size 256
 --target-vocabulary 3963 --target-tokens 1500`` is the Multi30k recipe's model and batch.
 Reports source+target tokens/s (non-padding, as NVIDIA's GNMT tables count), matmul FLOPs per
@@ -47,7 +47,6 @@ from seq2seq.config import ModelConfig  # noqa: E402
 from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.model import Seq2Seq, build_model  # noqa: E402
 from seq2seq.model.dropout import Dropout  # noqa: E402
-from seq2seq.tasks import token_losses  # noqa: E402
 from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
 from seq2seq.train import matmul_peak_flops  # noqa: E402
 
@@ -97,8 +96,8 @@ def batch_flops(model: Seq2Seq, batch: dict, padded: bool = False) -> float:
 
 def train_step(model: Seq2Seq, optimizer: torch.optim.Optimizer, batch: dict) -> float:
     """One optimisation step; returns the loss per target token."""
-    logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])  # (B, T, V)
-    loss, _ = token_losses(logits, model.output.positions(batch["tgt_out"]), 0.1)
+    loss, _ = model(batch["src"], batch["src_lengths"], batch["tgt_in"],
+                    targets=model.output.positions(batch["tgt_out"]), smoothing=0.1)
     loss = loss / batch["tgt_lengths"].sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -22,54 +22,8 @@ from seq2seq.config import Recipe
 from seq2seq.distributed import DistContext
 from seq2seq.evaluate import perplexity, score_corpus
 from seq2seq.inference import encode_source, translate_ids
-from seq2seq.tokenizer import EOS, PAD, CharTokenizer, SentencePieceTokenizer, Tokenizer
-
-
-class _SmoothedCrossEntropy(torch.autograd.Function):
-    """Summed label-smoothed cross-entropy over non-PAD rows, and their summed NLL, from one
-    log-softmax. ``F.cross_entropy`` would need a second log-softmax for the NLL, and its backward
-    makes five passes over the (rows x vocabulary) scores; this one makes two: the gradient is
-    written directly as softmax minus the smoothed one-hot target, scaled per row."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor,
-                smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-        log_probs = torch.log_softmax(logits, dim=-1)
-        real = target != PAD
-        picked = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
-        nll = -torch.where(real, picked, 0.0).sum()
-        loss = nll.clone()  # a tensor of its own: the NLL is marked non-differentiable
-        if smoothing:
-            uniform = -torch.where(real, log_probs.sum(1), 0.0).sum() / logits.size(1)
-            loss = (1.0 - smoothing) * nll + smoothing * uniform
-        ctx.save_for_backward(log_probs, target)
-        ctx.smoothing = smoothing
-        ctx.mark_non_differentiable(nll)
-        return loss, nll
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor,
-                 _grad_nll: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        log_probs, target = ctx.saved_tensors
-        real = target != PAD
-        smoothing, vocab = ctx.smoothing, log_probs.size(1)
-        row_scale = (grad_loss * real).unsqueeze(1).to(log_probs.dtype)  # (N, 1): 0 on PAD rows
-        grad = torch.exp(log_probs)
-        torch.addcmul(row_scale * (-smoothing / vocab), grad, row_scale, out=grad)
-        grad.scatter_add_(1, target.unsqueeze(1), row_scale * (smoothing - 1.0))
-        return grad, None, None
-
-
-def token_losses(logits: torch.Tensor, target: torch.Tensor,
-                 smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed loss and summed NLL over non-PAD targets, as
-    ``F.cross_entropy(..., ignore_index=PAD, reduction="sum", label_smoothing=smoothing)`` and
-    the same without smoothing would give them.
-
-    logits (B, T, V), target (B, T) -> two scalars (the NLL detached).
-    """
-    flat_logits, flat_target = logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1)
-    return _SmoothedCrossEntropy.apply(flat_logits, flat_target, float(smoothing))
+from seq2seq.model.loss import token_losses
+from seq2seq.tokenizer import EOS, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
 
 def _columns(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
@@ -210,8 +164,8 @@ class TranslationTask:
 
     def loss(self, model: nn.Module, batch: data.Batch,
              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-        return token_losses(logits, _columns(model, batch.tgt_out), smoothing)
+        return model(batch.src, batch.src_lengths, batch.tgt_in,
+                     targets=_columns(model, batch.tgt_out), smoothing=smoothing)
 
     @torch.inference_mode()
     def validate(self, model: nn.Module, recipe: Recipe) -> dict[str, Any]:
@@ -222,8 +176,8 @@ class TranslationTask:
                                          recipe.train.max_tokens, seed=0, shuffle=False)
         for indices in sampler:
             batch = data.collate(self.valid, indices).to(self.ctx.device)
-            nll += token_losses(model(batch.src, batch.src_lengths, batch.tgt_in),
-                                _columns(model, batch.tgt_out), 0.0)[1].item()
+            nll += model(batch.src, batch.src_lengths, batch.tgt_in,
+                         targets=_columns(model, batch.tgt_out))[1].item()
             tokens += batch.num_tgt_tokens
         sources = [encode_source(self.tokenizer, s, recipe.data.max_length)
                    for s, _ in self.valid_pairs]

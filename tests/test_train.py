@@ -21,10 +21,13 @@ import torch
 
 from seq2seq import distributed as dist
 from seq2seq.checkpoint import CheckpointError, load_checkpoint
-from seq2seq.config import TrainConfig, load_recipe
+from seq2seq.config import ModelConfig, TrainConfig, load_recipe
 from seq2seq.data import TokenBatchSampler, collate, encode_pairs, read_parallel
 from seq2seq.inference import best_text, load_model, translate_lines
-from seq2seq.tasks import make_task, token_losses
+from seq2seq.model import build_model
+from seq2seq.model import loss as loss_module
+from seq2seq.model.loss import token_losses
+from seq2seq.tasks import make_task
 from seq2seq.tokenizer import PAD, load_tokenizer, train_tokenizer
 from seq2seq.train import Trainer, TrainingError, budget_fraction, learning_rate, train
 
@@ -95,6 +98,68 @@ def test_fused_loss_equals_cross_entropy_in_value_and_gradient(smoothing):
     torch.testing.assert_close(nll, plain.detach())
     torch.testing.assert_close(ours, logits.grad)
     assert not nll.requires_grad and not ours[2].any()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("block_elements", [1 << 21, 64 * 56])  # one block; six blocks of 64
+def test_classifier_losses_equal_the_loss_of_the_logits(smoothing, block_elements, monkeypatch):
+    """The classifier fused with the loss, blockwise, over weight rows padded past ``columns``:
+    the loss, NLL and gradients of x, weight and bias that ``token_losses`` gives on the
+    logits of the first ``columns`` rows; the padding rows get zero gradient; without autograd
+    the same values."""
+    monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(0)
+    columns, rows, width, n = 50, 56, 16, 333
+    x = torch.randn(n, width, requires_grad=True)
+    weight = torch.randn(rows, width).requires_grad_()
+    bias = torch.randn(rows).requires_grad_()
+    target = torch.randint(1, columns, (n,))
+    target[::5] = PAD
+    loss, nll = loss_module.classifier_losses(x, weight, bias, target, smoothing, columns)
+    (loss * 0.5).backward()
+    ours = [t.grad.clone() for t in (x, weight, bias)]
+    for t in (x, weight, bias):
+        t.grad = None
+    logits = torch.nn.functional.linear(x, weight[:columns], bias[:columns])
+    expected, expected_nll = token_losses(logits, target, smoothing)
+    (expected * 0.5).backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, expected_nll)
+    for got, want in zip(ours, (x.grad, weight.grad, bias.grad), strict=True):
+        torch.testing.assert_close(got, want)
+    assert not nll.requires_grad
+    assert not ours[1][columns:].any() and not ours[2][columns:].any()
+    with torch.no_grad():
+        again = loss_module.classifier_losses(x, weight, bias, target, smoothing, columns)
+    torch.testing.assert_close(again, (loss.detach(), nll))
+    with pytest.raises(ValueError, match="columns must be in 1..56"):
+        loss_module.classifier_losses(x, weight, bias, target, smoothing, 57)
+
+
+def test_model_losses_equal_the_loss_of_its_logits():
+    """``Seq2Seq.forward(..., targets=)`` (the fused path on CPU) against ``token_losses`` on
+    the model's logits, with a target vocabulary whose size is not a multiple of 8: the same
+    loss and the same gradients of every parameter."""
+    torch.manual_seed(0)
+    config = ModelConfig(embed_dim=16, hidden_size=16, encoder_layers=2, decoder_layers=2,
+                         dropout=0.0, target_vocabulary=True)
+    model = build_model(config, 40, "translation")
+    model.output.restrict(torch.arange(4, 31))  # 31 columns with the specials
+    src = torch.randint(4, 40, (3, 6))
+    tgt_in, tgt_out = torch.randint(4, 31, (3, 5)), torch.randint(4, 31, (3, 5))
+    tgt_out[2, 3:] = PAD
+    lengths = torch.tensor([6, 6, 6])
+    columns = model.output.positions(tgt_out)
+    loss, nll = model(src, lengths, tgt_in, targets=columns, smoothing=0.1)
+    loss.backward()
+    fused = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    expected, expected_nll = token_losses(model(src, lengths, tgt_in), columns, 0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, expected_nll)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, msg=name)
 
 
 def test_toy_reversal_is_learned(toy_run):

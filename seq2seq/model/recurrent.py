@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.model.dropout import Dropout
+from seq2seq.model.loss import classifier_losses, token_losses
 from seq2seq.tokenizer import SPECIALS
 
 State = tuple[Tensor, ...]  # (h, c) for LSTM, (h,) for GRU; each (B, L, H)
@@ -312,6 +313,27 @@ class OutputLayer(nn.Module):
         if self.target_mask is not None or logits.size(-1) == self.vocab_size:
             return logits
         return logits[..., : self.vocab_size]
+
+    def losses(self, x: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+        """Training: the summed label-smoothed loss and summed NLL of features x (..., F)
+        against target columns (...), PAD ignored, as ``token_losses(self(x), target,
+        smoothing)`` gives them (``model/loss.py``). On CPU in fp32 the classifier runs inside
+        the loss (:func:`classifier_losses`) over its rows padded to a multiple of 8; elsewhere
+        (GPUs, autocast) the logits are formed first."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return token_losses(self(x), target, smoothing)
+        x = self.dropout(x)
+        if self.project is not None:
+            x = self.project(x)
+        ids = self.target_ids()
+        if ids is None:  # the rows are the ids, already a multiple of 8
+            weight, bias, columns = self.weight, self.bias, self.vocab_size
+        else:  # the padding rows repeat id 0's; classifier_losses never scores them
+            columns = ids.numel()
+            rows = F.pad(ids, (0, padded_vocab(columns) - columns))
+            weight, bias = self.weight.index_select(0, rows), self.bias.index_select(0, rows)
+        return classifier_losses(x.reshape(-1, x.size(-1)), weight, bias, target.reshape(-1),
+                                 smoothing, columns)
 
     def log_probs(self, x: Tensor) -> Tensor:
         """A decoding step: features (N, F) -> log-probabilities (N, C) float32 over the columns

@@ -216,13 +216,21 @@ class Seq2Seq(nn.Module):
             sources += (self.output.target_mask,)
         return self._input_table.get(sources, compute)
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
+                targets: Tensor | None = None,
+                smoothing: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher forcing: src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V), or
-        (B,T,V') over the target vocabulary (``self.output.positions`` maps ids to columns)."""
+        (B,T,V') over the target vocabulary (``self.output.positions`` maps ids to columns).
+
+        With ``targets`` (B,T) columns: the summed label-smoothed loss and summed NLL instead
+        (:meth:`OutputLayer.losses`, which need not form the logits). The loss is computed
+        here, not by the caller, so that a DistributedDataParallel wrapper sees it all."""
         memory, mask = self.encode(src, src_lengths)
         bottom, upper = (None, None) if self.bridge is None else self.initial_state(memory, mask)
         features, _, _, _ = self.decode(tgt_in, memory, self.attention.keys(memory), mask,
                                         bottom, upper)
+        if targets is not None:
+            return self.output.losses(features, targets, smoothing)
         return self.output(features)
 
     def start(self, src: Tensor, src_lengths: Tensor) -> TranslationState:
