@@ -19,6 +19,8 @@ that best peak) is printed before the JSON and recorded in it.
         --target-vocabulary 3963 --target-tokens 1500 --profile
     python benchmarks/train_speed.py --output-projection on --hidden-size 256 \
         --target-vocabulary 3963 --target-tokens 1500 --steps 10 --dropout-pairs 60
+    python benchmarks/train_speed.py --output-projection on --hidden-size 256 \
+        --target-vocabulary 3963 --target-tokens 1500 --steps 10 --loss-pairs 30
 
 The last line printed is one JSON object with every configuration's figures.
 """
@@ -38,6 +40,7 @@ import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 from machine import describe_machine, machine_line  # noqa: E402
@@ -47,6 +50,7 @@ from seq2seq.config import ModelConfig  # noqa: E402
 from seq2seq.heap import retain_freed_memory  # noqa: E402
 from seq2seq.model import Seq2Seq, build_model  # noqa: E402
 from seq2seq.model.dropout import Dropout  # noqa: E402
+from seq2seq.model.loss import token_losses  # noqa: E402
 from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
 from seq2seq.train import matmul_peak_flops  # noqa: E402
 
@@ -94,10 +98,18 @@ def batch_flops(model: Seq2Seq, batch: dict, padded: bool = False) -> float:
     return total
 
 
-def train_step(model: Seq2Seq, optimizer: torch.optim.Optimizer, batch: dict) -> float:
-    """One optimisation step; returns the loss per target token."""
-    loss, _ = model(batch["src"], batch["src_lengths"], batch["tgt_in"],
-                    targets=model.output.positions(batch["tgt_out"]), smoothing=0.1)
+def train_step(model: Seq2Seq, optimizer: torch.optim.Optimizer, batch: dict,
+               fused_loss: bool = True) -> float:
+    """One optimisation step; returns the loss per target token. ``fused_loss=False`` forms the
+    logits and calls ``token_losses`` on them (the path GPUs take) instead of
+    ``OutputLayer.losses``' fused classifier and loss."""
+    targets = model.output.positions(batch["tgt_out"])
+    if fused_loss:
+        loss, _ = model(batch["src"], batch["src_lengths"], batch["tgt_in"], targets=targets,
+                        smoothing=0.1)
+    else:
+        logits = model(batch["src"], batch["src_lengths"], batch["tgt_in"])
+        loss, _ = token_losses(logits, targets, 0.1)
     loss = loss / batch["tgt_lengths"].sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -169,35 +181,48 @@ def run_config(args: argparse.Namespace, projection: bool, batches: list[dict]) 
 
 
 def swap_dropout(model: nn.Module, kind: str) -> None:
-    """Put ``nn.Dropout`` ("torch") or ``seq2seq.model.dropout.Dropout`` ("ours") everywhere."""
+    """Put ``nn.Dropout`` ("torch_dropout") or ``seq2seq.model.dropout.Dropout``
+    ("our_dropout") everywhere."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, (nn.Dropout, Dropout)):
-                setattr(module, name, nn.Dropout(child.p) if kind == "torch" else Dropout(child.p))
+                setattr(module, name,
+                        nn.Dropout(child.p) if kind == "torch_dropout" else Dropout(child.p))
 
 
-def dropout_pairs(args: argparse.Namespace, projection: bool, batches: list[dict]) -> dict:
-    """Whole training steps with torch's dropout and with ours, alternating within each of
-    ``args.dropout_pairs`` pairs on the same batch (the order flips every pair), so that a shared
-    CPU's drift falls on both alike: the mean step of each and the median of the paired ratios."""
+def paired_steps(args: argparse.Namespace, projection: bool, batches: list[dict], pairs: int,
+                 step: Callable[[str, Seq2Seq, torch.optim.Optimizer, dict], None],
+                 kinds: tuple[str, str]) -> dict:
+    """Whole training steps of two kinds, alternating within each of ``pairs`` pairs on the same
+    batch (the order flips every pair), so that a shared CPU's drift falls on both alike: the
+    mean step of each and the median of the paired ratios (second kind over first)."""
     model, optimizer = build(args, projection)
     for batch in batches[: args.warmup]:
         train_step(model, optimizer, batch)
     timed = batches[args.warmup:]
-    totals, ratios = {"torch": 0.0, "ours": 0.0}, []
-    for pair in range(args.dropout_pairs):
+    totals, ratios = dict.fromkeys(kinds, 0.0), []
+    for pair in range(pairs):
         batch, seconds = timed[pair % len(timed)], {}
-        for kind in ("torch", "ours") if pair % 2 else ("ours", "torch"):
-            swap_dropout(model, kind)
+        for kind in kinds if pair % 2 else kinds[::-1]:
             start = time.perf_counter()
-            train_step(model, optimizer, batch)
+            step(kind, model, optimizer, batch)
             seconds[kind] = time.perf_counter() - start
             totals[kind] += seconds[kind]
-        ratios.append(seconds["ours"] / seconds["torch"])
-    return {"pairs": args.dropout_pairs,
-            "torch_dropout_step_ms": round(1000 * totals["torch"] / args.dropout_pairs, 1),
-            "our_dropout_step_ms": round(1000 * totals["ours"] / args.dropout_pairs, 1),
+        ratios.append(seconds[kinds[1]] / seconds[kinds[0]])
+    return {"pairs": pairs, **{f"{kind}_step_ms": round(1000 * totals[kind] / pairs, 1)
+                               for kind in kinds},
             "median_paired_ratio": round(statistics.median(ratios), 3)}
+
+
+def dropout_step(kind: str, model: Seq2Seq, optimizer: torch.optim.Optimizer,
+                 batch: dict) -> None:
+    swap_dropout(model, kind)
+    train_step(model, optimizer, batch)
+
+
+def loss_step(kind: str, model: Seq2Seq, optimizer: torch.optim.Optimizer,
+              batch: dict) -> None:
+    train_step(model, optimizer, batch, fused_loss=kind == "fused_loss")
 
 
 def parse_args() -> argparse.Namespace:
@@ -216,6 +241,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile one extra step")
     parser.add_argument("--dropout-pairs", type=int, default=0,
                         help="also time N pairs of steps, torch's dropout against ours")
+    parser.add_argument("--loss-pairs", type=int, default=0,
+                        help="also time N pairs of steps, the loss over formed logits against "
+                             "the classifier fused into the loss")
     return parser.parse_args()
 
 
@@ -234,8 +262,13 @@ def main() -> None:
     summary = {"threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                "machine": machine, "configs": results}
     if args.dropout_pairs:
-        summary["dropout_pairs"] = dropout_pairs(args, projections[0], batches)
+        summary["dropout_pairs"] = paired_steps(args, projections[0], batches, args.dropout_pairs,
+                                                dropout_step, ("torch_dropout", "our_dropout"))
         print(" ".join(f"{key}={value}" for key, value in summary["dropout_pairs"].items()))
+    if args.loss_pairs:
+        summary["loss_pairs"] = paired_steps(args, projections[0], batches, args.loss_pairs,
+                                             loss_step, ("logits_loss", "fused_loss"))
+        print(" ".join(f"{key}={value}" for key, value in summary["loss_pairs"].items()))
     print(json.dumps(summary))
 
 
