@@ -273,10 +273,21 @@ class OutputLayer(nn.Module):
         weight, bias, columns = self._decoding_classifier()
         return weight[:columns], bias[:columns]
 
+    def _padded_rows(self) -> tuple[Tensor, Tensor, int]:
+        """The classifier's weight (R, F) and bias (R,) with R a multiple of 8, and C, the
+        number of rows that score: the target vocabulary's ids, then copies of id 0's row up to
+        R (gathered, so with autograd the gradient flows back); or, without a target
+        vocabulary, the parameters themselves, whose rows past the real ids pad them already."""
+        ids = self.target_ids()
+        if ids is None:
+            return self.weight, self.bias, self.vocab_size
+        columns = ids.numel()
+        rows = F.pad(ids, (0, padded_vocab(columns) - columns))
+        return self.weight.index_select(0, rows), self.bias.index_select(0, rows), columns
+
     def _decoding_classifier(self) -> tuple[Tensor, Tensor, int]:
         """Decoding's classifier, weight (R, F) and bias (R,), and the number of scored columns
-        C: rows ``:C`` score the target vocabulary's ids (or every real id) and rows ``C:R``,
-        up to a multiple of 8, have bias -inf.
+        C: :meth:`_padded_rows`, with bias -inf on rows ``C:R``.
 
         The row count matters: a (N, 256) x (256, 3963) product runs at two thirds of the speed
         of one with 3968 columns on AVX2 (``benchmarks/kernels.py``, "classifier"), and the
@@ -284,15 +295,8 @@ class OutputLayer(nn.Module):
         the same tensors, unmodified (:class:`DerivedTensors`), so a step copies nothing."""
 
         def compute() -> tuple[Tensor, Tensor, int]:
-            ids = self.target_ids()
-            if ids is None:  # the embedding's rows, already a multiple of 8
-                weight, bias, columns = self.weight, self.bias.clone(), self.vocab_size
-            else:
-                columns, width = ids.numel(), self.weight.shape[1]
-                weight = self.weight.new_zeros(padded_vocab(columns), width)
-                bias = self.bias.new_empty(weight.shape[0])
-                torch.index_select(self.weight, 0, ids, out=weight[:columns])
-                torch.index_select(self.bias, 0, ids, out=bias[:columns])
+            weight, bias, columns = self._padded_rows()
+            bias = bias.clone() if bias is self.bias else bias
             bias[columns:] = float("-inf")
             return weight, bias, columns
 
@@ -325,13 +329,7 @@ class OutputLayer(nn.Module):
         x = self.dropout(x)
         if self.project is not None:
             x = self.project(x)
-        ids = self.target_ids()
-        if ids is None:  # the rows are the ids, already a multiple of 8
-            weight, bias, columns = self.weight, self.bias, self.vocab_size
-        else:  # the padding rows repeat id 0's; classifier_losses never scores them
-            columns = ids.numel()
-            rows = F.pad(ids, (0, padded_vocab(columns) - columns))
-            weight, bias = self.weight.index_select(0, rows), self.bias.index_select(0, rows)
+        weight, bias, columns = self._padded_rows()  # classifier_losses never scores the padding
         return classifier_losses(x.reshape(-1, x.size(-1)), weight, bias, target.reshape(-1),
                                  smoothing, columns)
 
