@@ -448,7 +448,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             trainer.restore(out_dir / "last.pt")
         if warm is not None:
             trainer.warm_start(warm.model.state_dict(), Path(init_from))
-        return trainer.run()
+        metrics = trainer.run()
+        # Leave the group together: rank 0 may still be saving while the others reach the
+        # teardown, and a gloo group torn down under a peer's traffic can abort that peer.
+        dist.barrier()
+        return metrics
     finally:
         if sink is not None:
             sink.close()
