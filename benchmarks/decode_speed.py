@@ -32,40 +32,34 @@ A ratio to the OpenNMT-py peer is printed only for the beams given a ``--peer-su
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import resource
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
 
-# Sleep rather than spin at OpenMP barriers on a shared CPU (see benchmarks/train_speed.py); it
-# must be set before torch loads OpenMP, and an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from machine import describe_machine, machine_line
+from peers import PeerFileError, decode_summaries_by_beam
+from torch.nn.utils.rnn import pad_sequence
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from machine import describe_machine, machine_line  # noqa: E402
-from peers import PeerFileError, decode_summaries_by_beam  # noqa: E402
-from torch.nn.utils.rnn import pad_sequence  # noqa: E402
-
-from seq2seq.config import DecodeConfig, ModelConfig, Recipe, TokenizerConfig  # noqa: E402
-from seq2seq.data import inference_batches, read_lines  # noqa: E402
-from seq2seq.evaluate import score_corpus  # noqa: E402
-from seq2seq.heap import retain_freed_memory  # noqa: E402
-from seq2seq.inference import (  # noqa: E402
+from seq2seq.config import DecodeConfig, ModelConfig, Recipe, TokenizerConfig
+from seq2seq.data import inference_batches, read_lines
+from seq2seq.evaluate import score_corpus
+from seq2seq.heap import retain_freed_memory
+from seq2seq.inference import (
     LoadedModel,
     encode_source,
     load_models,
     translate_lines,
     translation_max_lengths,
 )
-from seq2seq.model import build_model, quantize_int8  # noqa: E402
-from seq2seq.model.recurrent import bound_primitive_cache  # noqa: E402
-from seq2seq.search import decode as search_decode  # noqa: E402
-from seq2seq.tokenizer import BOS, PAD, train_tokenizer  # noqa: E402
+from seq2seq.model import build_model, quantize_int8
+from seq2seq.model.recurrent import bound_primitive_cache
+from seq2seq.search import decode as search_decode
+from seq2seq.tokenizer import BOS, PAD, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # <repo>/../shared
 
@@ -229,7 +223,7 @@ def main() -> None:
                "parameters_M": round(sum(p.numel() for p in loaded.model.parameters()) / 1e6, 2),
                "source": str(source), "threads": args.threads, "device": args.device,
                "max_tokens_per_batch": base.max_tokens_per_batch,
-               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+               "omp_wait_policy": machine["omp_wait_policy"],
                "tokens_counted": "source pieces without EOS + best hypothesis pieces without EOS",
                "machine": machine, "configs": results}
     if peers:

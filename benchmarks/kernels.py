@@ -16,10 +16,6 @@ object with every figure and the machine.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as decode_speed.py: sleep, do not spin
-
 import argparse
 import json
 import sys
@@ -31,16 +27,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, machine_line  # noqa: E402
+from machine import describe_machine, machine_line
 
-from seq2seq.config import ModelConfig  # noqa: E402
-from seq2seq.heap import retain_freed_memory  # noqa: E402
-from seq2seq.model import build_model  # noqa: E402
-from seq2seq.model.dropout import Dropout  # noqa: E402
-from seq2seq.model.loss import token_losses  # noqa: E402
-from seq2seq.model.quantize import _unroll  # noqa: E402
-from seq2seq.search import _top_k_of_groups  # noqa: E402
-from seq2seq.tokenizer import PAD  # noqa: E402
+from seq2seq.config import ModelConfig
+from seq2seq.heap import retain_freed_memory
+from seq2seq.model import build_model
+from seq2seq.model.dropout import Dropout
+from seq2seq.model.loss import token_losses
+from seq2seq.model.quantize import _unroll
+from seq2seq.search import _top_k_of_groups
+from seq2seq.tokenizer import PAD
 
 
 def seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -40,6 +40,17 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
             "isa": isa_level(set(fields.get("flags", "").split()))}
 
 
+def omp_wait_policy() -> str:
+    """How OpenMP threads wait between parallel regions: the environment's OMP_WAIT_POLICY, or
+    "default" (libgomp spins a while, then sleeps), which is what ``seq2seq`` runs with.
+
+    The benchmarks leave it as the user has it, so that they measure what ``seq2seq train`` and
+    ``seq2seq translate`` do. Forcing PASSIVE (threads sleep at every barrier) made the recipe's
+    training step 1.6-2.2x slower and int8 beam search 1.3-1.5x slower on a 2-core Zen 3
+    (2 December 2026); earlier sessions had set it to steady a shared host."""
+    return os.environ.get("OMP_WAIT_POLICY") or "default"
+
+
 def describe_machine(peak_flops: float | None = None, device: str = "cpu") -> dict[str, Any]:
     """This machine's CPU (``/proc/cpuinfo``), the ISA torch dispatches to (a cross-check), the
     threads, and the fp32 matmul peak: ``peak_flops`` if the caller measured it in this run, else
@@ -52,7 +63,8 @@ def describe_machine(peak_flops: float | None = None, device: str = "cpu") -> di
     machine = {**cpu, "torch_cpu_capability": capability,
                "isa_agrees_with_torch": TORCH_CAPABILITY[cpu["isa"]] == capability,
                "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "matmul_peak_gflops": round(peak_flops / 1e9, 1)}
+               "torch": torch.__version__, "matmul_peak_gflops": round(peak_flops / 1e9, 1),
+               "omp_wait_policy": omp_wait_policy()}
     if torch.device(device).type == "cuda":
         gpu = torch.device(device)
         machine.update(gpu=torch.cuda.get_device_name(gpu),
@@ -68,7 +80,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     line = (f"machine: {machine['cpu']} ({machine['vendor']} family {machine['family']} model "
             f"{machine['model']}), {isa}, {machine['logical_cpus']} logical CPUs, "
             f"{machine['threads']} threads, fp32 matmul peak {machine['matmul_peak_gflops']} "
-            f"GFLOP/s, torch {machine['torch']}")
+            f"GFLOP/s, torch {machine['torch']}, OpenMP wait policy "
+            f"{machine.get('omp_wait_policy', 'default')}")
     if "gpu" in machine:
         line += (f"; GPU {machine['gpu']}, fp32 matmul peak "
                  f"{machine['gpu_matmul_peak_gflops']} GFLOP/s")

@@ -27,32 +27,24 @@ The last line printed is one JSON object with every configuration's figures.
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
 
-# Sleep rather than spin while waiting at OpenMP barriers. On a shared CPU, spinning threads wait
-# for a descheduled partner at every one of the LSTM's per-step barriers: oneDNN's LSTM ran at
-# ~50% of the matmul peak on 2 busy cores with the default policy and ~100% with PASSIVE. It must
-# be set before torch loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from machine import describe_machine, machine_line
+from torch import nn
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
-from machine import describe_machine, machine_line  # noqa: E402
-from torch import nn  # noqa: E402
-
-from seq2seq.config import ModelConfig  # noqa: E402
-from seq2seq.heap import retain_freed_memory  # noqa: E402
-from seq2seq.model import Seq2Seq, build_model  # noqa: E402
-from seq2seq.model.dropout import Dropout  # noqa: E402
-from seq2seq.model.loss import token_losses  # noqa: E402
-from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
-from seq2seq.train import matmul_peak_flops  # noqa: E402
+from seq2seq.config import ModelConfig
+from seq2seq.heap import retain_freed_memory
+from seq2seq.model import Seq2Seq, build_model
+from seq2seq.model.dropout import Dropout
+from seq2seq.model.loss import token_losses
+from seq2seq.tokenizer import BOS, EOS, PAD
+from seq2seq.train import matmul_peak_flops
 
 CPU = torch.device("cpu")
 
@@ -259,7 +251,7 @@ def main() -> None:
     best_peak = max(result["matmul_peak_gflops"] for result in results) * 1e9
     machine = describe_machine(peak_flops=best_peak)
     print(machine_line(machine))
-    summary = {"threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    summary = {"threads": args.threads, "omp_wait_policy": machine["omp_wait_policy"],
                "machine": machine, "configs": results}
     if args.dropout_pairs:
         summary["dropout_pairs"] = paired_steps(args, projections[0], batches, args.dropout_pairs,

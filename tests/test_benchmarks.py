@@ -179,6 +179,17 @@ def test_machine_description_uses_a_given_peak_and_says_so(monkeypatch):
          "isa_agrees_with_torch": False})
 
 
+def test_machine_description_says_how_openmp_threads_wait(monkeypatch):
+    """The benchmarks leave OMP_WAIT_POLICY as the user has it and report it."""
+    machine = load("machine")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    unset = machine.describe_machine(peak_flops=1e11)
+    assert unset["omp_wait_policy"] == "default"
+    assert machine.machine_line(unset).endswith("OpenMP wait policy default")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert machine.describe_machine(peak_flops=1e11)["omp_wait_policy"] == "ACTIVE"
+
+
 def test_decode_ratio_only_against_the_same_sentences():
     decode_speed = load("decode_speed")
     ours = {"sentences": 1000, "sentences_per_s": 50.0}
