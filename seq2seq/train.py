@@ -365,9 +365,12 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train until a budget or patience runs out, validating at the interval and at the end."""
         if self.ctx.device.type == "cpu" and self.ctx.is_main:
-            self.peak_flops = matmul_peak_flops(self.ctx.device)
-            log.info("fp32 matmul peak %.1f GFLOP/s on %d threads (MFU is against it)",
-                     self.peak_flops / 1e9, torch.get_num_threads())
+            # tokens/s counts every rank's tokens, so MFU is against every rank's peak: rank 0's
+            # probe times the number of processes (torchrun starts them alike, same threads)
+            peak = matmul_peak_flops(self.ctx.device)
+            self.peak_flops = peak * self.ctx.world_size
+            log.info("fp32 matmul peak %.1f GFLOP/s on %d threads, x %d processes (MFU is "
+                     "against the sum)", peak / 1e9, torch.get_num_threads(), self.ctx.world_size)
         window = LogWindow()
         while (reason := self.stop_reason()) is None:
             started = time.perf_counter()

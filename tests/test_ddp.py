@@ -27,7 +27,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
 # the device of every tensor handed to a torch.distributed collective (it must be the device
 # distributed.collective_device() picks for the backend), the learning rate of every step, the
 # RNG seed after the model is built, and a checksum of the final parameters.
-WORKER = """
+PEAK_PER_PROCESS = 1e12  # what the workers' matmul probe reports
+WORKER = f"PEAK_PER_PROCESS = {PEAK_PER_PROCESS!r}\n" + """
 import hashlib, json, os, sys
 import torch
 import torch.distributed as tdist
@@ -50,6 +51,7 @@ for name in ("all_reduce", "broadcast", "reduce", "all_gather_into_tensor"):
     setattr(tdist, name, checked(getattr(tdist, name)))
 
 real_init, real_update, real_run = train.Trainer.__init__, train.Trainer._update, train.Trainer.run
+train.matmul_peak_flops = lambda device: PEAK_PER_PROCESS
 
 def init(self, *args, **kwargs):
     real_init(self, *args, **kwargs)
@@ -65,7 +67,8 @@ def run(self):
     digest = hashlib.sha256()
     for tensor in self.model.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
-    record.update(checksum=digest.hexdigest(), step=self.progress.step, backend=tdist.get_backend())
+    record.update(checksum=digest.hexdigest(), step=self.progress.step, backend=tdist.get_backend(),
+                  flops_per_token=self.model.flops_per_token())
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump(record, handle)
     return metrics
@@ -117,6 +120,13 @@ def test_patience_stops_every_rank_together(tmp_path):
                       "train.valid_metric=loss", "train.warmup_steps=1")
     assert records[0]["step"] == records[1]["step"] == 10  # best at 5, no better at 10
     assert records[0]["checksum"] == records[1]["checksum"]
+    # tokens/s counts both ranks' tokens, so MFU is against both ranks' peak
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    logged = [event for event in events if event["event"] == "train"]
+    assert logged
+    for event in logged:
+        expected = records[0]["flops_per_token"] * event["tokens_per_s"] / (2 * PEAK_PER_PROCESS)
+        assert event["mfu"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.slow
