@@ -223,7 +223,6 @@ def main() -> None:
                "parameters_M": round(sum(p.numel() for p in loaded.model.parameters()) / 1e6, 2),
                "source": str(source), "threads": args.threads, "device": args.device,
                "max_tokens_per_batch": base.max_tokens_per_batch,
-               "omp_wait_policy": machine["omp_wait_policy"],
                "tokens_counted": "source pieces without EOS + best hypothesis pieces without EOS",
                "machine": machine, "configs": results}
     if peers:

@@ -35,6 +35,7 @@ from seq2seq.model import build_model
 from seq2seq.model.dropout import Dropout
 from seq2seq.model.loss import token_losses
 from seq2seq.model.quantize import _unroll
+from seq2seq.model.recurrent import padded_vocab
 from seq2seq.search import _top_k_of_groups
 from seq2seq.tokenizer import PAD
 
@@ -86,7 +87,7 @@ def classifier(rows: int, columns: int, width: int, repeats: int) -> dict[str, f
     """GFLOP/s of a decoding step's classifier, (rows, width) x (width, columns) plus bias,
     over ``columns`` rows of weights and over them padded to a multiple of 8, as
     ``OutputLayer.log_probs`` runs it."""
-    padded = (columns + 7) // 8 * 8
+    padded = padded_vocab(columns)
     x, weight, bias = torch.randn(rows, width), torch.randn(padded, width), torch.randn(padded)
     flops = 2 * rows * width * columns
     return {"exact_gflops": flops / seconds(

@@ -251,8 +251,7 @@ def main() -> None:
     best_peak = max(result["matmul_peak_gflops"] for result in results) * 1e9
     machine = describe_machine(peak_flops=best_peak)
     print(machine_line(machine))
-    summary = {"threads": args.threads, "omp_wait_policy": machine["omp_wait_policy"],
-               "machine": machine, "configs": results}
+    summary = {"threads": args.threads, "machine": machine, "configs": results}
     if args.dropout_pairs:
         summary["dropout_pairs"] = paired_steps(args, projections[0], batches, args.dropout_pairs,
                                                 dropout_step, ("torch_dropout", "our_dropout"))
