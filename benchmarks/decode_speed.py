@@ -1,7 +1,8 @@
 """Decoding speed on Multi30k test_2016_flickr: beam 5 and greedy, fp32 and (optionally) int8.
 
 With ``--checkpoint`` the source file goes through ``inference.translate_lines`` (the real path:
-tokenise, batch by length under the token budget, decode, restore the order) and, with references,
+tokenise, batch by length under the token and row budgets, decode the batches on the recipe's
+workers, restore the order) and, with references,
 BLEU/chrF are scored (``--checkpoint`` twice or more: an ensemble of those checkpoints, int8 by
 quantising each member). Without it a reference-size model (embedding 256, hidden 512, 2+2 layers,
 8k vocabulary) gets seeded random weights and an 8k SentencePiece tokenizer is trained on the
@@ -43,23 +44,23 @@ from pathlib import Path
 import torch
 from machine import describe_machine, machine_line
 from peers import PeerFileError, decode_summaries_by_beam
-from torch.nn.utils.rnn import pad_sequence
 
 from seq2seq.config import DecodeConfig, ModelConfig, Recipe, TokenizerConfig
-from seq2seq.data import inference_batches, read_lines
+from seq2seq.data import read_lines
 from seq2seq.evaluate import score_corpus
 from seq2seq.heap import retain_freed_memory
 from seq2seq.inference import (
     LoadedModel,
+    decoding_workers,
     encode_source,
     load_models,
+    translate_ids,
     translate_lines,
     translation_max_lengths,
 )
 from seq2seq.model import build_model, quantize_int8
 from seq2seq.model.recurrent import bound_primitive_cache
-from seq2seq.search import decode as search_decode
-from seq2seq.tokenizer import BOS, PAD, train_tokenizer
+from seq2seq.tokenizer import train_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"  # <repo>/../shared
 
@@ -83,25 +84,6 @@ def random_model(args: argparse.Namespace) -> LoadedModel:
     return LoadedModel(Recipe(), model, tokenizer, device, 0)
 
 
-@torch.inference_mode()
-def decode_capped(loaded: LoadedModel, src_ids: list[list[int]], caps: torch.Tensor,
-                  config: DecodeConfig, strategy: str) -> list[list[int]]:
-    """``inference.translate_ids`` with a given max length per sentence; best tokens, in order."""
-    out: list[list[int]] = [[] for _ in src_ids]
-    for indices in inference_batches(src_ids, config.max_tokens_per_batch):
-        device = loaded.device
-        src = pad_sequence([torch.tensor(src_ids[i]) for i in indices], batch_first=True,
-                           padding_value=PAD).to(device)
-        lengths = torch.tensor([len(src_ids[i]) for i in indices], device=device)
-        state = loaded.model.start(src, lengths)
-        first = torch.full((len(indices),), BOS, dtype=torch.long, device=device)
-        hyps = search_decode(loaded.model.step, state, first, caps[indices].to(device), config,
-                             strategy, keep_attention=False)
-        for i, per_input in zip(indices, hyps, strict=True):
-            out[i] = per_input[0].tokens
-    return out
-
-
 def decode_all(loaded: LoadedModel, lines: list[str], src_ids: list[list[int]],
                caps: torch.Tensor | None, config: DecodeConfig, strategy: str) -> list[list[int]]:
     """Best hypothesis tokens per line: the real path with a checkpoint, else capped lengths."""
@@ -109,7 +91,9 @@ def decode_all(loaded: LoadedModel, lines: list[str], src_ids: list[list[int]],
         with torch.inference_mode():
             hyps = translate_lines(loaded, lines, config, strategy)
         return [per_input[0].tokens if per_input else [] for per_input in hyps]
-    return decode_capped(loaded, src_ids, caps, config, strategy)
+    hyps = translate_ids(loaded.model, src_ids, config, loaded.device, strategy,
+                         max_lengths=caps)
+    return [per_input[0].tokens for per_input in hyps]
 
 
 def run_config(loaded: LoadedModel, precision: str, beam: int, data: dict,
@@ -170,6 +154,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sentences", type=int, default=1000, help="first N source lines")
     parser.add_argument("--max-tokens-per-batch", type=int,
                         help="source-token budget per batch (default: the recipe's)")
+    parser.add_argument("--max-rows-per-batch", type=int,
+                        help="decoding rows (sentences x beam) per batch (default: the recipe's)")
+    parser.add_argument("--workers", type=int,
+                        help="batches decoded side by side (default: the recipe's; 0 = auto)")
     parser.add_argument("--int8", action="store_true", help="also run int8 dynamic quantisation")
     parser.add_argument("--vocab", type=int, default=8000, help="random weights: vocabulary")
     parser.add_argument("--tokenizer-sentences", type=int, default=1_000_000,
@@ -200,6 +188,10 @@ def main() -> None:
     base = loaded.recipe.decode
     if args.max_tokens_per_batch:
         base = replace(base, max_tokens_per_batch=args.max_tokens_per_batch)
+    if args.max_rows_per_batch is not None:
+        base = replace(base, max_rows_per_batch=args.max_rows_per_batch)
+    if args.workers is not None:
+        base = replace(base, workers=args.workers)
     src_ids = [encode_source(loaded.tokenizer, line) for line in lines]  # whole, as translated
     caps = None
     if not args.checkpoint:  # random weights: cap at the reference length + 10
@@ -223,6 +215,8 @@ def main() -> None:
                "parameters_M": round(sum(p.numel() for p in loaded.model.parameters()) / 1e6, 2),
                "source": str(source), "threads": args.threads, "device": args.device,
                "max_tokens_per_batch": base.max_tokens_per_batch,
+               "max_rows_per_batch": base.max_rows_per_batch,
+               "workers_x_threads": "x".join(map(str, decoding_workers(base, loaded.device))),
                "tokens_counted": "source pieces without EOS + best hypothesis pieces without EOS",
                "machine": machine, "configs": results}
     if peers:

@@ -34,6 +34,10 @@ Checkpoints = Annotated[list[Path], typer.Argument(
     help="Checkpoints written by seq2seq train; several (sharing a tokenizer) form an ensemble")]
 MaxSourceTokens = Annotated[int | None, typer.Option(
     help="Cut longer sources, with a warning naming each cut line (0 = never)")]
+MaxRows = Annotated[int | None, typer.Option(
+    help="Decoding rows (sentences x beam) per batch (0 = no limit)")]
+Workers = Annotated[int | None, typer.Option(
+    help="CPU: batches decoded side by side, one thread each (0 = one per thread, at most 4)")]
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -139,6 +143,8 @@ def translate(
     n_best: Annotated[int | None, typer.Option(help="Write N hypotheses per line as TSV")] = None,
     max_tokens_per_batch: Annotated[
         int | None, typer.Option(help="Source tokens per batch")] = None,
+    max_rows_per_batch: MaxRows = None,
+    workers: Workers = None,
     max_source_tokens: MaxSourceTokens = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
@@ -160,6 +166,7 @@ def translate(
         config = _decode_options(loaded, beam_size=beam_size, length_penalty=length_penalty,
                                  coverage_penalty=coverage_penalty, n_best=n_best,
                                  max_tokens_per_batch=max_tokens_per_batch,
+                                 max_rows_per_batch=max_rows_per_batch, workers=workers,
                                  max_source_tokens=max_source_tokens)
         source = sys.stdin.buffer if input == "-" else _open_input(input)
         batches = inference.read_batches(source, "<stdin>" if input == "-" else input)
@@ -193,6 +200,8 @@ def evaluate(
     coverage_penalty: Annotated[float | None, typer.Option(help="GNMT beta")] = None,
     max_tokens_per_batch: Annotated[
         int | None, typer.Option(help="Source tokens per batch")] = None,
+    max_rows_per_batch: MaxRows = None,
+    workers: Workers = None,
     max_source_tokens: MaxSourceTokens = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic quantisation (CPU)")] = None,
@@ -209,6 +218,7 @@ def evaluate(
             raise inference.InferenceError("give either CHECKPOINT with --source, or --hypotheses")
         options = dict(beam_size=beam_size, length_penalty=length_penalty,
                        coverage_penalty=coverage_penalty, max_tokens_per_batch=max_tokens_per_batch,
+                       max_rows_per_batch=max_rows_per_batch, workers=workers,
                        max_source_tokens=max_source_tokens)
         return evaluate_files(checkpoints or None, source, reference, hypotheses, device,
                               quantize, options)

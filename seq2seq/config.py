@@ -138,6 +138,8 @@ class DecodeConfig:
     no_repeat_ngram: int = 0
     ban_unk: bool = False
     max_tokens_per_batch: int = 3000  # inference batch budget (source tokens)
+    max_rows_per_batch: int = 320  # and this many decoding rows, sentences x beam (0 = no limit)
+    workers: int = 0  # CPU: batches decoded side by side, one thread each (0 = auto, see inference)
     max_source_tokens: int = 0  # translation: cut longer sources, with a warning (0 = never)
 
 
@@ -289,6 +291,10 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError("decode.beam_size must be at least 1")
     if not 1 <= recipe.decode.n_best <= recipe.decode.beam_size:
         raise ConfigError("decode.n_best must be between 1 and decode.beam_size")
+    if recipe.decode.max_rows_per_batch < 0:
+        raise ConfigError("decode.max_rows_per_batch must be at least 0 (0 = no limit)")
+    if recipe.decode.workers < 0:
+        raise ConfigError("decode.workers must be at least 0 (0 = one per CPU thread)")
     if recipe.data.task == "lm" and recipe.data.format not in ("text", "hf"):
         raise ConfigError("data.format must be 'text' (or 'hf') when data.task = 'lm'")
     if model.target_vocabulary and recipe.data.task != "translation":

@@ -674,15 +674,18 @@ def collate(data: ParallelData, indices: list[int]) -> Batch:
                  num_tgt_tokens=int(tgt_lengths.sum()) + len(indices))
 
 
-def inference_batches(src_ids: list[list[int]], max_tokens: int) -> Iterator[list[int]]:
+def inference_batches(src_ids: list[list[int]], max_tokens: int,
+                      max_sentences: int = 0) -> Iterator[list[int]]:
     """Index batches, longest sources first, with ``B * max(len) <= max_tokens`` (a longer
-    single source gets its own batch). The caller restores the input order."""
+    single source gets its own batch) and, when ``max_sentences`` > 0, ``B <= max_sentences``.
+    The caller restores the input order."""
     order = sorted(range(len(src_ids)), key=lambda i: -len(src_ids[i]))
     batch: list[int] = []
     width = 0
     for i in order:
         length = max(len(src_ids[i]), 1)
-        if batch and (len(batch) + 1) * max(width, length) > max_tokens:
+        full = 0 < max_sentences <= len(batch)
+        if batch and (full or (len(batch) + 1) * max(width, length) > max_tokens):
             yield batch
             batch, width = [], 0
         batch.append(i)

@@ -11,10 +11,13 @@ character LM with a prompt and samples (or beam-searches) a continuation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -96,7 +99,10 @@ def load_model(path: str | Path, device: str = "cpu", quantize: str | None = Non
             model = quantize_int8(model, inplace=True)
         except QuantizationUnavailable as error:
             raise InferenceError(str(error)) from None
-    return LoadedModel(recipe, model.to(target), tokenizer, target, int(payload.get("step", 0)))
+    loaded = LoadedModel(recipe, model.to(target), tokenizer, target, int(payload.get("step", 0)))
+    if target.type == "cpu":  # the copies made while loading and quantising leave holes
+        release_free_memory()
+    return loaded
 
 
 def load_models(paths: list[str | Path], device: str = "cpu",
@@ -147,6 +153,12 @@ def check_decode_options(config: DecodeConfig) -> None:
     if config.max_source_tokens < 0:
         raise InferenceError(f"max-source-tokens must be at least 0 (0 = no limit), got "
                              f"{config.max_source_tokens}")
+    if config.max_rows_per_batch < 0:
+        raise InferenceError(f"max-rows-per-batch must be at least 0 (0 = no limit), got "
+                             f"{config.max_rows_per_batch}")
+    if config.workers < 0:
+        raise InferenceError(f"workers must be at least 0 (0 = one per CPU thread), got "
+                             f"{config.workers}")
 
 
 def translation_max_lengths(src_lengths: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
@@ -155,22 +167,88 @@ def translation_max_lengths(src_lengths: torch.Tensor, config: DecodeConfig) -> 
     return (torch.ceil(config.max_length_ratio * tokens) + config.max_length_offset).long()
 
 
+MAX_AUTO_WORKERS = 4  # auto workers stop here: each holds a batch, and all share one GIL
+
+
+def decoding_workers(config: DecodeConfig, device: torch.device) -> tuple[int, int]:
+    """How many batches decode at once on ``device``, and the intra-op threads of each.
+
+    One beam-search step is a few matmuls and many small ops on (rows x beams) tensors that torch
+    runs on one thread whatever its thread count, with Python in between; a second thread mostly
+    waits. Two batches side by side, one thread each, keep both cores busy (README, "Decoding
+    test_2016_flickr side by side"). On the CPU ``config.workers`` (0 = one per torch thread,
+    at most ``MAX_AUTO_WORKERS``) share torch's threads; each worker holds its own batch, so peak
+    memory grows with them. CUDA decodes one batch at a time.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu":
+        return 1, threads
+    workers = config.workers or min(threads, MAX_AUTO_WORKERS)
+    return workers, max(1, threads // workers)
+
+
+@functools.cache
+def _worker_pool(workers: int, threads: int) -> ThreadPoolExecutor:
+    """``workers`` threads with ``threads`` intra-op threads each, started at once and kept for
+    the process (setting a thread's count clears oneDNN's caches, so it happens once per thread).
+
+    torch takes the count a thread last set as the default of threads it starts later; the
+    caller's count is set again once every worker has set its own."""
+    own = torch.get_num_threads()
+    started = threading.Barrier(workers + 1)
+    pool = ThreadPoolExecutor(workers, "seq2seq-decode", initializer=torch.set_num_threads,
+                              initargs=(threads,))
+    for _ in range(workers):  # each waits at the barrier, so each submit starts a new thread
+        pool.submit(started.wait)
+    started.wait()
+    torch.set_num_threads(own)
+    return pool
+
+
 @torch.inference_mode()
+def _translate_batch(model: nn.Module, src_ids: list[list[int]], indices: list[int],
+                     config: DecodeConfig, device: torch.device, strategy: str,
+                     keep_attention: bool, max_lengths: torch.Tensor | None
+                     ) -> list[list[Hypothesis]]:
+    """One batch of :func:`translate_ids`: the hypotheses of ``src_ids[i]`` for i in
+    ``indices``, in that order. Inference mode is per thread, so a worker enters it here."""
+    src = pad_sequence([torch.tensor(src_ids[i]) for i in indices], batch_first=True,
+                       padding_value=PAD).to(device)
+    src_lengths = torch.tensor([len(src_ids[i]) for i in indices], device=device)
+    caps = (translation_max_lengths(src_lengths, config) if max_lengths is None
+            else max_lengths[indices].to(device))
+    state = model.start(src, src_lengths)
+    first = torch.full((len(indices),), BOS, dtype=torch.long, device=device)
+    return decode(model.step, state, first, caps, config, strategy,
+                  keep_attention=keep_attention, token_ids=model.output_ids())
+
+
 def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConfig,
-                  device: torch.device, strategy: str = "beam",
-                  keep_attention: bool = False) -> list[list[Hypothesis]]:
+                  device: torch.device, strategy: str = "beam", keep_attention: bool = False,
+                  max_lengths: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Decode source id lists (each ending in EOS); results come back in input order.
-    ``keep_attention`` fills ``Hypothesis.attention`` (for plots; it costs time and memory)."""
+    ``keep_attention`` fills ``Hypothesis.attention`` (for plots; it costs time and memory).
+    ``max_lengths`` (len(src_ids),) long caps each output instead of
+    :func:`translation_max_lengths` (benchmarks decode random weights to a fixed length).
+
+    Batches run side by side on :func:`decoding_workers` threads when there are several. The
+    batches are the same whatever the workers, and each is searched as it would be alone, so the
+    output does not depend on them (an int8 model's does depend on the batches, through its
+    per-batch activation scales)."""
+    rows_per_sentence = config.beam_size if strategy == "beam" else 1
+    max_sentences = max(1, config.max_rows_per_batch // rows_per_sentence)
+    batches = list(inference_batches(src_ids, config.max_tokens_per_batch,
+                                     max_sentences if config.max_rows_per_batch else 0))
+    run = functools.partial(_translate_batch, model, src_ids, config=config, device=device,
+                            strategy=strategy, keep_attention=keep_attention,
+                            max_lengths=max_lengths)
+    workers, threads = decoding_workers(config, device)
+    if workers > 1 and len(batches) > 1:
+        decoded: Iterable[list[list[Hypothesis]]] = _worker_pool(workers, threads).map(run, batches)
+    else:
+        decoded = map(run, batches)
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
-    for indices in inference_batches(src_ids, config.max_tokens_per_batch):
-        src = pad_sequence([torch.tensor(src_ids[i]) for i in indices], batch_first=True,
-                           padding_value=PAD).to(device)
-        src_lengths = torch.tensor([len(src_ids[i]) for i in indices], device=device)
-        state = model.start(src, src_lengths)
-        first = torch.full((len(indices),), BOS, dtype=torch.long, device=device)
-        hyps = decode(model.step, state, first, translation_max_lengths(src_lengths, config),
-                      config, strategy, keep_attention=keep_attention,
-                      token_ids=model.output_ids())
+    for indices, hyps in zip(batches, decoded, strict=True):
         for i, hyp in zip(indices, hyps, strict=True):
             results[i] = hyp
     return results

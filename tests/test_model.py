@@ -254,6 +254,35 @@ def test_decoding_steps_take_the_bottom_input_gates_from_a_table(monkeypatch, ta
     assert model.input_gate_table() is None
 
 
+@pytest.mark.parametrize("task", ["translation", "lm"])
+def test_decoding_steps_run_lstm_layers_as_two_matmuls_and_a_cell(monkeypatch, task):
+    """A one-position LSTM layer without autograd is :func:`lstm_step`, never the fused kernel,
+    and gives what teacher forcing gives; with autograd the fused kernel runs."""
+    src, lengths = source_batch()
+    tgt = target_batch()
+    model = (translation() if task == "translation"
+             else build_model(tiny(), VOCAB, "lm").eval())
+    stack = model.decoder_upper if task == "translation" else model.rnn
+    with torch.no_grad():
+        if task == "translation":
+            expected = F.log_softmax(model(src, lengths, tgt), dim=-1)
+            state = model.start(src, lengths)
+        else:
+            expected = F.log_softmax(model(tgt)[0], dim=-1)
+            state = model.start(tgt.size(0))
+        with monkeypatch.context() as patch:
+            for layer in stack.layers:
+                patch.setattr(layer, "forward", None)  # any call fails
+            for t in range(tgt.size(1)):
+                log_probs, state = model.step(tgt[:, t], state)
+                torch.testing.assert_close(log_probs, expected[:, t], atol=1e-5, rtol=0)
+    with monkeypatch.context() as patch:
+        for layer in stack.layers:
+            patch.setattr(layer, "forward", None)
+        with pytest.raises(TypeError):  # with autograd a step runs nn.LSTM
+            model.step(tgt[:, 0], state)
+
+
 def test_the_input_gate_table_follows_the_weights():
     model = translation().eval()
     with torch.no_grad():

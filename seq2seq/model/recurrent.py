@@ -116,6 +116,24 @@ def _from_hx(hx: Tensor | tuple[Tensor, ...]) -> State:
     return tuple(part.squeeze(0) for part in parts)
 
 
+def _steps_alone(rnn: nn.Module, inputs: Tensor) -> bool:
+    """Whether ``rnn`` over ``inputs`` is one decoding step of a plain LSTM layer: one position,
+    no autograd, on the CPU (:func:`lstm_step`)."""
+    return (inputs.size(1) == 1 and type(rnn) is nn.LSTM and inputs.device.type == "cpu"
+            and not torch.is_grad_enabled())
+
+
+def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of a single-layer ``lstm``: x (N, I), h and c (N, H) -> (h', c'), each (N, H).
+
+    Two ``addmm`` and :func:`lstm_cell`. oneDNN's fused kernel, which a one-position call of
+    ``nn.LSTM`` runs, is no faster for one step and allocates a scratch area about four times the
+    size of the gates at every call, which a beam-search step's peak memory then holds (README,
+    "Decoding test_2016_flickr side by side")."""
+    gates = torch.addmm(lstm.bias_ih_l0 + lstm.bias_hh_l0, x, lstm.weight_ih_l0.t())
+    return lstm_cell(gates.addmm_(h, lstm.weight_hh_l0.t()), c)
+
+
 class RecurrentStack(nn.Module):
     """Layers of fused LSTM/GRU with dropout on every layer's input and residual connections.
 
@@ -153,9 +171,14 @@ class RecurrentStack(nn.Module):
             inputs = self.dropout(x)
             if extra is not None:
                 inputs = torch.cat([inputs, extra], dim=-1)
-            y, hx = rnn(inputs, None if state is None else _layer_hx(state, i))
+            if state is not None and _steps_alone(rnn, inputs):
+                h, c = lstm_step(rnn, inputs[:, 0], state[0][:, i], state[1][:, i])
+                y, final = h[:, None], (h, c)
+            else:
+                y, hx = rnn(inputs, None if state is None else _layer_hx(state, i))
+                final = _from_hx(hx)
             x = y + x if i >= self.residual_from else y
-            finals.append(_from_hx(hx))
+            finals.append(final)
         return x, tuple(torch.stack(parts, dim=1) for parts in zip(*finals, strict=True))
 
 
@@ -255,7 +278,8 @@ class OutputLayer(nn.Module):
         """A detached copy of decoding's classifier (:meth:`_decoding_classifier`, rows padded
         with -inf bias) as an ``nn.Linear``, for int8 quantisation, which takes linear modules
         (see ``model/quantize.py``)."""
-        weight, bias, _ = self._decoding_classifier()
+        with torch.no_grad():
+            weight, bias, _ = self._padded_classifier()
         linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
         linear.weight = nn.Parameter(weight.detach().clone())
         linear.bias = nn.Parameter(bias.detach().clone())
@@ -294,17 +318,22 @@ class OutputLayer(nn.Module):
         classifier is the largest matmul of a beam-search step. Kept while the parameters stay
         the same tensors, unmodified (:class:`DerivedTensors`), so a step copies nothing."""
 
-        def compute() -> tuple[Tensor, Tensor, int]:
-            weight, bias, columns = self._padded_rows()
-            bias = bias.clone() if bias is self.bias else bias
-            bias[columns:] = float("-inf")
-            return weight, bias, columns
-
         sources = (self.weight, self.bias)
         if self.target_mask is not None:
             sources += (self.target_mask,)
         with torch.no_grad():
-            return self._compact.get(sources, compute)
+            return self._compact.get(sources, self._padded_classifier)
+
+    def _padded_classifier(self) -> tuple[Tensor, Tensor, int]:
+        """:meth:`_padded_rows` with bias -inf on rows ``C:R`` (a new bias tensor)."""
+        weight, bias, columns = self._padded_rows()
+        bias = bias.clone() if bias is self.bias else bias
+        bias[columns:] = float("-inf")
+        return weight, bias, columns
+
+    def _scored_columns(self) -> int:
+        """C: the columns the classifier scores (the target vocabulary's ids, or every id)."""
+        return self.vocab_size if self.target_mask is None else int(self.target_mask.sum())
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., F) -> logits (..., V), or (..., V') with a target vocabulary."""
@@ -312,7 +341,7 @@ class OutputLayer(nn.Module):
         if self.project is not None:
             x = self.project(x)
         if self.int8_classifier is not None:  # decoding's padded rows
-            return self.int8_classifier(x)[..., : self._decoding_classifier()[2]]
+            return self.int8_classifier(x)[..., : self._scored_columns()]
         logits = F.linear(x, *self._classifier())
         if self.target_mask is not None or logits.size(-1) == self.vocab_size:
             return logits
@@ -345,10 +374,10 @@ class OutputLayer(nn.Module):
         x = self.dropout(x)
         if self.project is not None:
             x = self.project(x)
-        weight, bias, columns = self._decoding_classifier()
-        if self.int8_classifier is not None:
-            logits = self.int8_classifier(x)
+        if self.int8_classifier is not None:  # its rows are the padded ones, without a copy
+            logits, columns = self.int8_classifier(x), self._scored_columns()
         else:
+            weight, bias, columns = self._decoding_classifier()
             logits = F.linear(x, weight, bias)
         logits = logits.float()
         return torch.log_softmax(logits, dim=-1, out=logits)[:, :columns]
