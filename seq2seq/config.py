@@ -138,7 +138,7 @@ class DecodeConfig:
     no_repeat_ngram: int = 0
     ban_unk: bool = False
     max_tokens_per_batch: int = 3000  # inference batch budget (source tokens)
-    max_rows_per_batch: int = 320  # and this many decoding rows, sentences x beam (0 = no limit)
+    max_rows_per_batch: int = 480  # and this many decoding rows, sentences x beam (0 = no limit)
     workers: int = 0  # CPU: batches decoded side by side, one thread each (0 = auto, see inference)
     max_source_tokens: int = 0  # translation: cut longer sources, with a warning (0 = never)
 

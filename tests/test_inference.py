@@ -35,8 +35,8 @@ def record_batches(monkeypatch) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("strategy", ["beam", "greedy"])
 def test_two_workers_decode_exactly_what_one_decodes(toy_run, monkeypatch, quantize, strategy):
-    """Several batches on two worker threads: the same tokens and scores, in input order, and
-    the caller's thread count is left as it was."""
+    """Several batches on two worker threads: the same tokens and scores, in input order; the
+    caller's thread count is left as it was, and the workers are gone."""
     loaded = load_model(toy_run / "best.pt", quantize=quantize)
     sources = [encode_source(loaded.tokenizer, s) for s, _ in toy_valid(toy_run)]
     config = replace(loaded.recipe.decode, beam_size=3, n_best=2, max_tokens_per_batch=24,
@@ -48,6 +48,8 @@ def test_two_workers_decode_exactly_what_one_decodes(toy_run, monkeypatch, quant
     assert hypotheses(two) == hypotheses(one)
     assert len(seen) > 4 and all(name.startswith("seq2seq-decode") for name, _ in seen)
     assert torch.get_num_threads() == threads
+    # idle threads that ran OpenMP work would slow the caller's parallel regions: none is kept
+    assert not [t for t in threading.enumerate() if t.name.startswith("seq2seq-decode")]
 
 
 def test_one_worker_and_a_single_batch_decode_on_the_calling_thread(toy_run, monkeypatch):
