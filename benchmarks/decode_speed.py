@@ -26,6 +26,8 @@ A ratio to the OpenNMT-py peer is printed only for the beams given a ``--peer-su
     python benchmarks/decode_speed.py --int8 --threads 2
     python benchmarks/decode_speed.py --checkpoint runs/x/best.pt --int8
     python benchmarks/decode_speed.py --sentences 40 --threads 1   # smoke test
+    python benchmarks/decode_speed.py --checkpoint runs/x/best.pt --workers 1,2 --repeats 4
+        # one batch at a time on 2 threads against two side by side, alternating in one process
     python benchmarks/decode_speed.py --checkpoint runs/x/best.pt \\
         --peer-summary ~/peers/runs/onmt_20m/decode/beam5_b64/summary.txt \\
         --peer-summary ~/peers/runs/onmt_20m/decode/beam1_b64/summary.txt
@@ -156,8 +158,11 @@ def parse_args() -> argparse.Namespace:
                         help="source-token budget per batch (default: the recipe's)")
     parser.add_argument("--max-rows-per-batch", type=int,
                         help="decoding rows (sentences x beam) per batch (default: the recipe's)")
-    parser.add_argument("--workers", type=int,
-                        help="batches decoded side by side (default: the recipe's; 0 = auto)")
+    parser.add_argument("--workers", type=str,
+                        help="batches decoded side by side (default: the recipe's; 0 = auto); "
+                        "several, comma-separated, alternate in this process (--repeats times)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of every configuration (workers alternate between them)")
     parser.add_argument("--int8", action="store_true", help="also run int8 dynamic quantisation")
     parser.add_argument("--vocab", type=int, default=8000, help="random weights: vocabulary")
     parser.add_argument("--tokenizer-sentences", type=int, default=1_000_000,
@@ -190,8 +195,7 @@ def main() -> None:
         base = replace(base, max_tokens_per_batch=args.max_tokens_per_batch)
     if args.max_rows_per_batch is not None:
         base = replace(base, max_rows_per_batch=args.max_rows_per_batch)
-    if args.workers is not None:
-        base = replace(base, workers=args.workers)
+    workers = [base.workers] if args.workers is None else [int(w) for w in args.workers.split(",")]
     src_ids = [encode_source(loaded.tokenizer, line) for line in lines]  # whole, as translated
     caps = None
     if not args.checkpoint:  # random weights: cap at the reference length + 10
@@ -206,17 +210,23 @@ def main() -> None:
     results = []
     for precision, model in models:
         for beam in (int(b) for b in args.beams.split(",")):
-            result = run_config(model, precision, beam, data, base)
-            if beam in peers:
-                result.update(peer_ratio(result, peers[beam]))
-            print(" ".join(f"{key}={value}" for key, value in result.items()))
-            results.append(result)
+            for repeat in range(args.repeats):
+                for count in workers if repeat % 2 == 0 else workers[::-1]:
+                    result = run_config(model, precision, beam, data,
+                                        replace(base, workers=count))
+                    result = {**result, "workers": count, "repeat": repeat}
+                    if beam in peers:
+                        result.update(peer_ratio(result, peers[beam]))
+                    print(" ".join(f"{key}={value}" for key, value in result.items()))
+                    results.append(result)
     summary = {"weights": [str(c) for c in args.checkpoint] if args.checkpoint else "random",
                "parameters_M": round(sum(p.numel() for p in loaded.model.parameters()) / 1e6, 2),
                "source": str(source), "threads": args.threads, "device": args.device,
                "max_tokens_per_batch": base.max_tokens_per_batch,
                "max_rows_per_batch": base.max_rows_per_batch,
-               "workers_x_threads": "x".join(map(str, decoding_workers(base, loaded.device))),
+               "workers_x_threads": ["x".join(map(str, decoding_workers(replace(base, workers=w),
+                                                                         loaded.device)))
+                                     for w in workers],
                "tokens_counted": "source pieces without EOS + best hypothesis pieces without EOS",
                "machine": machine, "configs": results}
     if peers:
