@@ -238,9 +238,9 @@ def translate_ids(model: nn.Module, src_ids: list[list[int]], config: DecodeConf
     output does not depend on them (an int8 model's does depend on the batches, through its
     per-batch activation scales)."""
     rows_per_sentence = config.beam_size if strategy == "beam" else 1
-    max_sentences = max(1, config.max_rows_per_batch // rows_per_sentence)
-    batches = list(inference_batches(src_ids, config.max_tokens_per_batch,
-                                     max_sentences if config.max_rows_per_batch else 0))
+    max_sentences = (max(1, config.max_rows_per_batch // rows_per_sentence)
+                     if config.max_rows_per_batch else 0)  # 0: no limit
+    batches = list(inference_batches(src_ids, config.max_tokens_per_batch, max_sentences))
     run = functools.partial(_translate_batch, model, src_ids, config=config, device=device,
                             strategy=strategy, keep_attention=keep_attention,
                             max_lengths=max_lengths)

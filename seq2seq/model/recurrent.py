@@ -252,6 +252,7 @@ class OutputLayer(nn.Module):
         self.register_buffer("target_mask", mask)
         self.int8_classifier: nn.Module | None = None  # set by model.quantize.quantize_int8
         self._compact = DerivedTensors()  # the classifier's rows while decoding
+        self._columns = DerivedTensors()  # how many of them score (int8 decoding)
 
     def restrict(self, ids: Tensor) -> None:
         """Score only ``ids`` (and the special ids 0-3) from now on."""
@@ -332,8 +333,12 @@ class OutputLayer(nn.Module):
         return weight, bias, columns
 
     def _scored_columns(self) -> int:
-        """C: the columns the classifier scores (the target vocabulary's ids, or every id)."""
-        return self.vocab_size if self.target_mask is None else int(self.target_mask.sum())
+        """C: the columns the classifier scores (the target vocabulary's ids, or every id); kept
+        while the mask is unchanged, so a decoding step runs no reduction for it."""
+        mask = self.target_mask
+        if mask is None:
+            return self.vocab_size
+        return self._columns.get((mask,), lambda: int(mask.sum()))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., F) -> logits (..., V), or (..., V') with a target vocabulary."""
