@@ -14,7 +14,7 @@ cut the faults from 97,000-250,000 to 73,000-92,000 and the system time from 0.5
 blocks leave holes in the heap either way. It also keeps every thread on one heap
 (``M_ARENA_MAX`` 1): glibc otherwise gives each decoding worker thread an arena of its own, whose
 free blocks the others cannot reuse, so the peak is the sum of the arenas' peaks. Measured on
-the whole process, int8 at beam 5 on two workers: 368-398 MiB (mean 382) in eight runs with one
+the whole process, int8 at beam 5 on two workers: 368-398 MiB (mean 382) in eleven runs with one
 heap, 380-400 (mean 389) in five without, at the same speed: a small gain, within the noise of
 a single run. :func:`release_free_memory` hands every free page back where a long-running
 process wants it. Both are no-ops on other C libraries.
