@@ -55,7 +55,8 @@ def retain_freed_memory() -> bool:
         return False
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
                 (M_ARENA_MAX, 1))
-    return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])
+    applied = [bool(libc.mallopt(parameter, value)) for parameter, value in settings]  # all tried
+    return all(applied)
 
 
 def release_free_memory() -> None:
